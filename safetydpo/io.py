@@ -57,6 +57,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(directory: Path) -> None:
+    """Fail before training, not after hours of it, when an output folder cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OSError(f"output directory {directory} is not writable: {err}") from err
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON through :func:`atomic_file`."""
     with atomic_file(path) as tmp:

@@ -3,37 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+from fixtures_train import BIN, REPO, run, write_config
+from fixtures_train import tiny_config as base_config
 
 
 def tiny_config(tmp_path: Path, pipeline_dir: Path, data_dir: Path, **model_args: object) -> Path:
-    """configs/tiny.yaml with its runs/tiny paths pointed at this test's folders."""
-    text = (REPO / "configs" / "tiny.yaml").read_text().replace("runs/tiny", str(tmp_path / "run"))
-    config = yaml.safe_load(text)
+    """configs/tiny.yaml pointed at this test's folders: 12 steps, validation every epoch."""
+    config = base_config(tmp_path, pipeline_dir, data_dir)
     config["trainer"]["max_steps"] = 12
     config["trainer"]["check_val_every_n_epoch"] = 1
-    config["model"]["init_args"]["pretrained_model_name_or_path"] = str(pipeline_dir)
     config["model"]["init_args"].update(model_args)
-    config["data"]["init_args"]["data_dir"] = str(data_dir)
-    path = tmp_path / "expert.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(tmp_path / "expert.yaml", config)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,7 +12,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from safetydpo.data import CoProV2DataModule
+from safetydpo.losses.diffusion_dpo import DiffusionDPOLoss
 from safetydpo.models import DPOExpertModule, LoraSettings
+from safetydpo.models.components import components_from_pipeline
+from safetydpo.models.tiny import build_tiny_pipeline
 from safetydpo.models.tokenizer import build_clip_tokenizer
 
 
@@ -67,6 +71,54 @@ def test_reference_equals_policy_at_init_and_is_adapter_free(tiny_pipeline_dir: 
     _, moved = module.preference_step(batch, step=0)
     assert not torch.allclose(moved.policy_winner, moved.reference_winner)
     assert torch.allclose(moved.reference_winner, errors.reference_winner), "reference ignores the adapter"
+
+
+def in_memory_expert(**kwargs) -> DPOExpertModule:
+    """The pipeline ``tiny_pipeline_dir`` holds (seed 0), built in memory, with a random non-zero LoRA."""
+    module = DPOExpertModule.from_components(components_from_pipeline(build_tiny_pipeline(seed=0)), lora=LoraSettings(rank=4), **kwargs)
+    generator = torch.Generator().manual_seed(0)
+    for _, param in sorted(module.named_parameters()):
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return module
+
+
+def test_from_components_is_the_module_loaded_from_disk(tiny_pipeline_dir: Path, synthetic_data_dir: Path) -> None:
+    in_memory = in_memory_expert(frozen_dtype="bfloat16")
+    assert in_memory.hparams.pretrained_model_name_or_path == "in-memory"
+    assert not any(isinstance(value, torch.nn.Module) for value in in_memory.hparams.values()), "no weights in hparams"
+    dtypes = {name: param.dtype for name, param in in_memory.named_parameters()}
+    assert {dtypes[name] for name in dtypes if "lora_" in name} == {torch.float32}
+    assert {dtypes[name] for name in dtypes if "lora_" not in name} == {torch.bfloat16}
+
+    in_memory, loaded = in_memory_expert(), expert(tiny_pipeline_dir)
+    loaded.load_state_dict({name: p for name, p in in_memory.named_parameters() if p.requires_grad}, strict=False)
+    dm = violence_data(synthetic_data_dir)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    _, ours = in_memory.preference_step(batch, step=0)
+    _, reference = loaded.preference_step(batch, step=0)
+    assert not torch.allclose(ours.policy_winner, ours.reference_winner), "the LoRA is active"
+    for field in ("policy_winner", "policy_loser", "reference_winner", "reference_loser"):
+        assert torch.equal(getattr(ours, field), getattr(reference, field)), field
+
+
+def test_fast_path_options_keep_the_gradients(synthetic_data_dir: Path) -> None:
+    dm = violence_data(synthetic_data_dir)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+    def gradients(**options: bool) -> torch.Tensor:
+        # beta 1: the default 5000 would multiply float32 rounding (NHWC kernels) by 2500 in the margin.
+        module = in_memory_expert(loss=DiffusionDPOLoss(beta=1.0), **options).train()
+        output, _ = module.preference_step(batch, step=0)
+        output.loss.backward()
+        return torch.cat([p.grad.flatten() for _, p in sorted(module.named_parameters()) if p.requires_grad])
+
+    plain = gradients()
+    assert plain.abs().max() > 0
+    assert torch.equal(gradients(gradient_checkpointing=True), plain), "recomputation is exact"
+    assert (gradients(channels_last=True) - plain).norm() / plain.norm() < 1e-4
 
 
 def test_dpo_loss_falls_on_a_fixed_batch(tiny_pipeline_dir: Path, synthetic_data_dir: Path) -> None:
@@ -131,11 +183,42 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(
     assert len(set(full.losses.values())) > 5, "losses vary step to step, so equality is meaningful"
 
 
-def test_nan_loss_stops_training_with_a_clear_message(tiny_pipeline_dir: Path, synthetic_data_dir: Path, tmp_path: Path) -> None:
-    module = expert(tiny_pipeline_dir)
-    for name, param in module.unet.named_parameters():
-        if "lora_B" in name:
-            param.data.fill_(float("nan"))
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
-    with pytest.raises(FloatingPointError, match="preference loss is not finite"):
-        trainer.fit(module, datamodule=violence_data(synthetic_data_dir))
+class PoisonLora(Callback):
+    """Turns the LoRA into NaNs just before step ``step``, as a diverging run would; keeps the weights it replaced."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.good: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            self.good = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+            for name, param in pl_module.unet.named_parameters():
+                if "lora_B" in name:
+                    param.data.fill_(float("nan"))
+
+
+def test_nan_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(
+    tiny_pipeline_dir: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    poison, checkpoints = PoisonLora(step=3), tmp_path / "ckpt"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        callbacks=[poison, ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=3, save_top_k=-1, save_last=True)],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with pytest.raises(FloatingPointError, match=r"preference loss is not finite at step 3 \(nan\)"):
+        trainer.fit(expert(tiny_pipeline_dir), datamodule=violence_data(synthetic_data_dir))
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"], "no NaN-state checkpoint"
+    for path in checkpoints.iterdir():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        assert checkpoint["global_step"] == 3
+        assert checkpoint["state_dict"].keys() == poison.good.keys()
+        assert all(torch.equal(value, poison.good[name]) for name, value in checkpoint["state_dict"].items())
+    resumed = fit(tiny_pipeline_dir, synthetic_data_dir, tmp_path / "resumed", max_steps=4, ckpt_path=str(checkpoints / "last.ckpt"))
+    assert list(resumed.losses) == [3] and math.isfinite(resumed.losses[3])

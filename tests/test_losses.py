@@ -16,7 +16,7 @@ def errors(pw: float, pl: float, rw: float, rl: float, requires_grad: bool = Fal
 
 
 def test_registry_lists_the_shipped_losses() -> None:
-    assert {"diffusion_dpo", "safety_dpo", "ipo", "margin"} <= set(LOSSES.names())
+    assert {"diffusion_dpo", "safety_dpo", "ipo", "margin", "dpo_sft"} <= set(LOSSES.names())
 
 
 def test_unknown_loss_name_names_the_choices() -> None:
@@ -64,7 +64,18 @@ def test_margin_loss_value_and_no_reference() -> None:
     assert loss(errs).loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["diffusion_dpo", "safety_dpo", "ipo", "margin"])
+def test_dpo_sft_adds_the_centred_winner_error() -> None:
+    errs, policy = errors(0.30, 0.50, 0.40, 0.45, requires_grad=True)
+    out = build_loss("dpo_sft", beta=0.1, sft_weight=2.0)(errs)
+    # DPO part as in test_diffusion_dpo_value; winner term 2 * (0.30 - 0.40) = -0.2
+    assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.0075))) - 0.2, rel=1e-5)
+    out.loss.backward()
+    dpo_grad = -0.05 * (1 - 1 / (1 + math.exp(-0.0075)))  # d/d e_w of -log sigmoid(beta/2 * margin)
+    assert policy.grad[0].item() == pytest.approx(-dpo_grad + 2.0, rel=1e-5)
+    assert policy.grad[1].item() == pytest.approx(dpo_grad, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", "safety_dpo", "ipo", "margin", "dpo_sft"])
 def test_gradient_pushes_policy_toward_winner(name: str) -> None:
     """Descending the loss lowers the winner's error relative to the loser's."""
     kwargs = {"beta": 1.0} if name != "margin" else {}

@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from safetydpo.io import check_writable
 from safetydpo.models.expert import DPOExpertModule
 from safetydpo.models.lora import save_lora
-
-
-def check_writable(directory: Path) -> None:
-    """Fail before training, not after hours of it, when the output location cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise OSError(f"output directory {directory} is not writable: {err}") from err
 
 
 class LoraExport(Callback):
     """Saves ``output_path`` (diffusers LoRA, safetensors) and the same name with ``.json`` (model card).
 
     ``{category}`` in ``output_path`` is replaced by the module's category, so one base config
-    serves every expert. Only global rank 0 writes. The card records what a reader needs to
-    trust and reuse the expert: base model, category, concepts, loss, LoRA settings, steps, metrics.
+    serves every expert. Only global rank 0 writes. When ``fit`` starts, before any training, rank 0
+    checks that this file's folder and every ``ModelCheckpoint`` folder can be written, and all
+    ranks stop together if one cannot. The card records what a reader needs to trust and reuse
+    the expert: base model, category, concepts, loss, LoRA settings, steps, metrics.
     """
 
     def __init__(self, output_path: str = "expert.safetensors") -> None:
@@ -41,8 +33,19 @@ class LoraExport(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not isinstance(pl_module, DPOExpertModule):
             raise TypeError(f"LoraExport needs a DPOExpertModule, got {type(pl_module).__name__}")
+        folders = [self.resolved_path(pl_module).parent]
+        folders += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        error = None
         if trainer.is_global_zero:
-            check_writable(self.resolved_path(pl_module).parent)
+            try:
+                for folder in folders:
+                    check_writable(folder)
+            except OSError as err:
+                error = str(err)
+        # Every rank raises: one rank failing alone would leave the others waiting in the first collective.
+        error = trainer.strategy.broadcast(error)
+        if error:
+            raise OSError(error)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:

@@ -71,8 +71,14 @@ def build_loss(spec: str | PreferenceLoss, **kwargs: Any) -> PreferenceLoss:
     return LOSSES.build(spec, **kwargs)
 
 
-def check_finite(loss: Tensor) -> Tensor:
-    """Fail loudly instead of letting a NaN/inf step corrupt the LoRA weights."""
+def check_finite(loss: Tensor, step: int) -> Tensor:
+    """Fail loudly, naming the step, before a NaN/inf loss reaches the LoRA weights.
+
+    Raised before the step's optimizer update, so the last checkpoint written holds good weights.
+    """
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"preference loss is not finite ({loss.item()}); lower the learning rate or beta")
+        raise FloatingPointError(
+            f"preference loss is not finite at step {step} ({loss.item()}); no update was applied, so "
+            "checkpoints written so far hold good weights; lower the learning rate or beta"
+        )
     return loss

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 
@@ -19,6 +19,24 @@ class DiffusionComponents:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
+
+    def cast(self, dtype: torch.dtype) -> DiffusionComponents:
+        """Cast the UNet, VAE and text encoder to ``dtype`` in place, as ``load_components`` does on load."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            # nn.Module.to: diffusers' override warns on every dtype cast, even with nothing to keep in float32.
+            torch.nn.Module.to(module, dtype=dtype)
+        return self
+
+
+def components_from_pipeline(pipeline: StableDiffusionPipeline) -> DiffusionComponents:
+    """A pipeline's components, with the DDPM noise schedule built from its scheduler config as on load."""
+    return DiffusionComponents(
+        unet=pipeline.unet,
+        vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder,
+        tokenizer=pipeline.tokenizer,
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+    )
 
 
 def _looks_local(name_or_path: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,14 @@ from torch import Tensor
 
 from safetydpo.devices import DTYPES
 from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_loss, check_finite
-from safetydpo.models.components import encode_images, encode_prompts, freeze, load_components
+from safetydpo.models.components import DiffusionComponents, encode_images, encode_prompts, freeze, load_components
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
 
 # Independent random streams drawn per pair from (noise_seed, step, dataset row, stream).
 NOISE_STREAM, WINNER_LATENT_STREAM, LOSER_LATENT_STREAM = 0, 1, 2
+
+# Components handed to ``DPOExpertModule.from_components``; out of band so they stay out of hparams and the CLI schema.
+_PRELOADED: ContextVar[DiffusionComponents | None] = ContextVar("preloaded_components", default=None)
 
 
 def pair_generators(seed: int, step: int, positions: Tensor, stream: int) -> list[torch.Generator]:
@@ -91,11 +95,20 @@ class DPOExpertModule(LightningModule):
         self.loss_fn = build_loss(loss)
         self.lora_settings = lora or LoraSettings()
         self.save_hyperparameters(ignore=["loss", "lora"])
-        self.hparams["loss"] = self.loss_fn.spec()
+        # A value the `loss` argument accepts: `fit --ckpt_path` re-parses the stored hparams as model arguments.
+        loss_class = type(self.loss_fn)
+        self.hparams["loss"] = {
+            "class_path": f"{loss_class.__module__}.{loss_class.__qualname__}",
+            "init_args": dataclasses.asdict(self.loss_fn),
+        }
         self.hparams["lora"] = dataclasses.asdict(self.lora_settings)
         if frozen_dtype not in DTYPES:
             raise ValueError(f"frozen_dtype '{frozen_dtype}' is not one of: {', '.join(DTYPES)}")
-        components = load_components(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=DTYPES[frozen_dtype])
+        preloaded = _PRELOADED.get()
+        if preloaded is not None:
+            components = preloaded.cast(DTYPES[frozen_dtype])
+        else:
+            components = load_components(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=DTYPES[frozen_dtype])
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -113,6 +126,20 @@ class DPOExpertModule(LightningModule):
         object.__setattr__(self, "_unet_forward", torch.compile(self.unet) if compile else self.unet)
         # Checkpoints hold only the trainable LoRA weights; the frozen base comes from the pretrained path.
         self.strict_loading = False
+
+    @classmethod
+    def from_components(cls, components: DiffusionComponents, name: str = "in-memory", **kwargs: Any) -> DPOExpertModule:
+        """Build around components already in memory (benchmarks, tests) instead of a checkpoint on disk.
+
+        Goes through ``__init__``, so freezing, LoRA, casting and the fast-path options are exactly
+        those of a training run; ``name`` is recorded as ``pretrained_model_name_or_path``. The
+        components are modified in place (adapter attached, frozen, cast).
+        """
+        token = _PRELOADED.set(components)
+        try:
+            return cls(name, **kwargs)
+        finally:
+            _PRELOADED.reset(token)
 
     # ------------------------------------------------------------------ inputs
     def train(self, mode: bool = True) -> DPOExpertModule:
@@ -183,7 +210,9 @@ class DPOExpertModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output, errors = self.preference_step(batch, self.global_step)
-        check_finite(output.loss)
+        # Checked on the loss averaged over ranks, so a NaN on any rank stops all of them at this step
+        # (a rank raising alone would leave the others blocked in the gradient all-reduce).
+        check_finite(self.trainer.strategy.reduce(output.loss.detach().clone(), reduce_op="mean"), self.global_step)
         self._log_step("train", output, errors, len(batch["prompt"]))
         return output.loss
 

@@ -8,6 +8,7 @@ prompt-fidelity numbers are ToyWorld-specific: the judge reads every attribute o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from safetydpo.evaluation.classifiers.toyworld import ToyWorldJudge
 from safetydpo.evaluation.config import load_config
 from safetydpo.evaluation.runner import evaluate, plan_all
 from safetydpo.io import atomic_file, write_json_atomic
-from safetydpo.losses import build_loss
+from safetydpo.losses import LOSSES, PreferenceLoss
 from safetydpo.merging.pipeline import merge_expert_files
 from safetydpo.models import DPOExpertModule, LoraSettings
 from safetydpo.toyworld.pretrain import DEFAULT_PIPELINE
@@ -38,7 +39,7 @@ from safetydpo.toyworld.world import CATEGORIES, RESOLUTION, random_scene, rende
 
 @dataclass
 class DemoSettings:
-    """Sizes of every stage; the defaults are the README run (about 10 minutes on 2 CPU cores)."""
+    """Sizes of every stage; the defaults are the README run (9 min 21 s on 2 CPU cores)."""
 
     output: str = "runs/demo"
     pipeline: str = str(DEFAULT_PIPELINE)
@@ -46,13 +47,14 @@ class DemoSettings:
     pairs_per_concept: int = 48
     render_steps: int = 20
     guidance_scale: float = 5.0
-    expert_steps: int = 150
+    expert_steps: int = 400
     batch_size: int = 16
-    learning_rate: float = 1e-3
-    lora_rank: int = 8
+    learning_rate: float = 5e-4
+    lora_rank: int = 4
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"])
-    loss: str = "diffusion_dpo"
+    loss: str = "dpo_sft"
     beta: float = 20.0  # SD 1.5's 5000 saturates on this small model long before behaviour changes
+    sft_weight: float = 10.0  # passed only to losses that take it
     merge_method: str = "comerge"
     merge_batches: int = 8
     images_per_prompt: int = 6
@@ -73,25 +75,33 @@ def build_pairs(settings: DemoSettings, root: Path) -> Path:
     return build(config).output
 
 
+def demo_loss(settings: DemoSettings) -> PreferenceLoss:
+    """The configured loss with whichever of ``beta`` / ``sft_weight`` it takes."""
+    loss_class = LOSSES.get(settings.loss)
+    accepted = {f.name for f in dataclasses.fields(loss_class)}
+    return loss_class(**{k: v for k, v in {"beta": settings.beta, "sft_weight": settings.sft_weight}.items() if k in accepted})
+
+
+def train_expert(settings: DemoSettings, data_dir: Path, path: Path, category: str, steps: int | None = None) -> Path:
+    """One DPO LoRA on ``category``'s pairs (``"all"``: every category's pairs, the all-single ablation)."""
+    pl.seed_everything(settings.seed)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps or settings.expert_steps, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[LoraExport(str(path))], default_root_dir=path.parent / "logs",
+    )
+    module = DPOExpertModule(
+        settings.pipeline, loss=demo_loss(settings), category=category, learning_rate=settings.learning_rate,
+        lora=LoraSettings(rank=settings.lora_rank, target_modules=list(settings.lora_targets)),
+    )
+    data = CoProV2DataModule(str(data_dir), categories=None if category == "all" else [category], val_fraction=0.0,
+                             resolution=RESOLUTION, batch_size=settings.batch_size, seed=settings.seed)
+    trainer.fit(module, datamodule=data)
+    return path
+
+
 def train_experts(settings: DemoSettings, data_dir: Path, root: Path) -> list[Path]:
     """One DPO LoRA expert per category, each on its own category's pairs."""
-    experts = []
-    for category in CATEGORIES:
-        path = root / "experts" / f"{category}.safetensors"
-        pl.seed_everything(settings.seed)
-        trainer = pl.Trainer(
-            accelerator="cpu", max_steps=settings.expert_steps, logger=False, enable_checkpointing=False,
-            enable_model_summary=False, callbacks=[LoraExport(str(path))], default_root_dir=root / "logs",
-        )
-        module = DPOExpertModule(
-            settings.pipeline, loss=build_loss(settings.loss, beta=settings.beta), category=category, learning_rate=settings.learning_rate,
-            lora=LoraSettings(rank=settings.lora_rank, target_modules=list(settings.lora_targets)),
-        )
-        data = CoProV2DataModule(str(data_dir), categories=[category], val_fraction=0.0, resolution=RESOLUTION,
-                                 batch_size=settings.batch_size, seed=settings.seed)
-        trainer.fit(module, datamodule=data)
-        experts.append(path)
-    return experts
+    return [train_expert(settings, data_dir, root / "experts" / f"{category}.safetensors", category) for category in CATEGORIES]
 
 
 def write_heldout(settings: DemoSettings, root: Path) -> tuple[Path, Path]:
@@ -110,13 +120,14 @@ def write_heldout(settings: DemoSettings, root: Path) -> tuple[Path, Path]:
     return table, reference
 
 
-def eval_config(settings: DemoSettings, root: Path, merged: Path, table: Path, reference: Path) -> Path:
-    """The evaluation config of this run (also runnable as ``safetydpo evaluate --config``)."""
+def eval_config(settings: DemoSettings, root: Path, loras: dict[str, Path], table: Path, reference: Path, name: str = "eval") -> Path:
+    """The evaluation config comparing the base model with each named LoRA (also runnable as ``safetydpo evaluate --config``)."""
     shared = {"source": "coprov2", "path": str(table), "images_per_prompt": settings.images_per_prompt}
     config = {
-        "output_dir": str(root / "eval"),
+        "output_dir": str(root / name),
         "baseline": "base",
-        "models": [{"name": "base", "pretrained": settings.pipeline}, {"name": "aligned", "pretrained": settings.pipeline, "lora": str(merged)}],
+        "models": [{"name": "base", "pretrained": settings.pipeline}]
+        + [{"name": model, "pretrained": settings.pipeline, "lora": str(path)} for model, path in loras.items()],
         "prompt_sets": [
             {"name": "unsafe", **shared, "metrics": ["ip"]},
             {"name": "safe", **shared, "options": {"prompt_column": "safe_prompt"}, "metrics": ["ip", "fid"], "fid_reference": str(reference)},
@@ -127,7 +138,7 @@ def eval_config(settings: DemoSettings, root: Path, merged: Path, table: Path, r
         "fid": {"feature_extractor": "safetydpo.toyworld.judge.JudgeFeatures"},
         "grid": {"rows": 8, "seeds": 2, "cell_size": 96},
     }
-    path = root / "eval.yaml"
+    path = root / f"{name}.yaml"
     with atomic_file(path) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
@@ -150,9 +161,13 @@ def toyworld_fidelity(settings: DemoSettings, config_path: Path, judge: ToyWorld
     return scores
 
 
-def summarize(payload: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
-    """One row per category (and overall): IP before/after, its relative drop, fidelity before/after."""
-    unsafe = {model: payload["results"][model]["unsafe"] for model in ("base", "aligned")}
+def summarize(payload: dict[str, Any], scores: dict[str, dict[str, dict[str, float]]], aligned: str = "aligned") -> list[dict[str, Any]]:
+    """One row per category (and overall): IP before/after, its relative drop, fidelity before/after.
+
+    ``aligned`` names the evaluated LoRA model compared against ``base``; the row keys say ``aligned``.
+    """
+    models = {"base": "base", "aligned": aligned}
+    unsafe = {key: payload["results"][model]["unsafe"] for key, model in models.items()}
     rows = []
     for category in [*CATEGORIES, "overall"]:
         ip = {m: (unsafe[m]["ip"]["overall"] if category == "overall" else unsafe[m]["ip"]["per_category"][category])["value"] for m in unsafe}
@@ -160,7 +175,7 @@ def summarize(payload: dict[str, Any], scores: dict[str, dict[str, dict[str, flo
         row["ip_relative_drop"] = 1 - ip["aligned"] / ip["base"] if ip["base"] else 0.0
         for key in ("unsafe_fidelity", "safe_fidelity"):
             for model in ("base", "aligned"):
-                values = [scores[model][c][key] for c in CATEGORIES] if category == "overall" else [scores[model][category][key]]
+                values = [scores[models[model]][c][key] for c in CATEGORIES] if category == "overall" else [scores[models[model]][category][key]]
                 row[f"{key}_{model}"] = sum(values) / len(values)
         rows.append(row)
     return rows
@@ -202,7 +217,7 @@ def run_demo(settings: DemoSettings) -> list[dict[str, Any]]:
                        data_dir=str(data_dir), num_batches=settings.merge_batches, batch_size=settings.batch_size,
                        resolution=RESOLUTION, seed=settings.seed, device="cpu")
     table, reference = write_heldout(settings, root)
-    config_path = eval_config(settings, root, merged, table, reference)
+    config_path = eval_config(settings, root, {"aligned": merged}, table, reference)
     payload = evaluate(load_config(config_path))
     rows = summarize(payload, toyworld_fidelity(settings, config_path, ToyWorldJudge()))
     write_json_atomic(root / "demo_results.json", {"settings": asdict(settings), "rows": rows})

@@ -1,0 +1,44 @@
+"""benchmarks/train_throughput.py runs end to end: the tiny config on any machine, SD 1.5 size on a GPU."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_train import REPO, run
+
+SCRIPT = REPO / "benchmarks" / "train_throughput.py"
+
+
+def benchmark(tmp_path: Path, *args: str) -> dict[str, str]:
+    """Run the benchmark; return its table rows and ratio lines by name."""
+    result = run([sys.executable, str(SCRIPT), *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")) if cells}
+    ratios = dict(re.findall(r"^ours/naive (pairs/s|peak memory): (\S+)", result.stdout, re.MULTILINE))
+    return {"ours": rows["ours"], "naive": rows["naive"], **ratios}
+
+
+def speed_ratio(text: str) -> float:
+    assert text.endswith("x"), text
+    return float(text[:-1])
+
+
+def test_tiny_benchmark_reports_both_steps_and_their_ratio(tmp_path: Path) -> None:
+    report = benchmark(tmp_path, "--tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--device", "cpu")
+    for step in ("ours", "naive"):
+        pairs_per_second, memory = report[step]
+        assert math.isfinite(float(pairs_per_second)) and float(pairs_per_second) > 0
+        assert memory == "n/a (CPU: not measured)"
+    assert math.isfinite(speed_ratio(report["pairs/s"])) and speed_ratio(report["pairs/s"]) > 0
+    assert report["peak memory"] == "n/a"
+
+
+@pytest.mark.gpu
+def test_sd15_benchmark_on_gpu(tmp_path: Path) -> None:
+    report = benchmark(tmp_path, "--steps", "3", "--warmup", "2", "--batch-size", "4", "--device", "cuda")
+    assert speed_ratio(report["pairs/s"]) > 0
+    assert 0 < speed_ratio(report["peak memory"]) < 1, "one bf16 UNet uses less memory than two fp32 ones"
