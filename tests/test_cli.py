@@ -12,6 +12,8 @@ from diffusers import StableDiffusionPipeline
 from fixtures_train import BIN, REPO, run, write_config
 from fixtures_train import tiny_config as base_config
 
+from safetydpo.losses import LOSSES
+
 
 def tiny_config(tmp_path: Path, pipeline_dir: Path, data_dir: Path, **model_args: object) -> Path:
     """configs/tiny.yaml pointed at this test's folders: 12 steps, validation every epoch."""
@@ -64,7 +66,7 @@ def test_unknown_loss_name_from_yaml(tiny_pipeline_dir: Path, synthetic_data_dir
     config = tiny_config(tmp_path, tiny_pipeline_dir, synthetic_data_dir, loss="dpo_typo")
     result = run([str(BIN / "safetydpo"), "fit", "--config", str(config)], cwd=tmp_path)
     assert result.returncode != 0
-    assert "unknown loss 'dpo_typo'; valid choices: diffusion_dpo, ipo, margin, safety_dpo" in result.stderr
+    assert f"unknown loss 'dpo_typo'; valid choices: {', '.join(sorted(LOSSES.names()))}" in result.stderr
 
 
 def test_unwritable_output_fails_before_training(tiny_pipeline_dir: Path, synthetic_data_dir: Path, tmp_path: Path) -> None:

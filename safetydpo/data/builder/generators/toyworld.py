@@ -15,7 +15,8 @@ from safetydpo.toyworld.world import ATTRIBUTES, CATEGORIES, caption
 @GENERATORS.register("toyworld")
 class ToyWorldGenerator(PairGenerator):
     """The concept fills its attribute, every other attribute a random value; the safe prompt swaps
-    the concept for one of its substitutes (neutral values of the same attribute).
+    the concept for one of its taxonomy substitutes (neutral values of the same attribute; ToyWorld's own
+    taxonomy gives one per concept, `SAFE_REWRITES`).
 
     Unsafe prompts held out for evaluation (``safetydpo.toyworld.prompts``) are never proposed.
 
