@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from safetydpo.cli.demo import add_settings_arguments, settings_from
 from safetydpo.evaluation.classifiers.toyworld import ToyWorldJudge
 from safetydpo.evaluation.config import load_config
 from safetydpo.evaluation.runner import evaluate
@@ -42,15 +43,12 @@ def prepare(settings: DemoSettings, root: Path, all_single_steps: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="runs/demo", help="a safetydpo demo output folder (made if missing)")
+    add_settings_arguments(parser)  # --output (a demo folder, made if missing) and every demo size
     parser.add_argument("--methods", nargs="+", default=None, help="merge methods (default: every registered one)")
     parser.add_argument("--all-single-steps", type=int, default=None, help="default: expert steps x number of categories")
-    parser.add_argument("--images-per-prompt", type=int, default=None)
     args = parser.parse_args()
 
-    settings = DemoSettings(output=args.output)
-    if args.images_per_prompt:
-        settings.images_per_prompt = args.images_per_prompt
+    settings = settings_from(args)
     root = Path(settings.output)
     data_dir, experts, all_single = prepare(settings, root, args.all_single_steps or settings.expert_steps * len(CATEGORIES))
     loras: dict[str, Path] = {}

@@ -1,7 +1,8 @@
-"""benchmarks/train_throughput.py runs end to end: the tiny config on any machine, SD 1.5 size on a GPU."""
+"""The benchmarks run end to end: train_throughput (tiny anywhere, SD 1.5 size on a GPU), merge_ablation (small ToyWorld)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -42,3 +43,20 @@ def test_sd15_benchmark_on_gpu(tmp_path: Path) -> None:
     report = benchmark(tmp_path, "--steps", "3", "--warmup", "2", "--batch-size", "4", "--device", "cuda")
     assert speed_ratio(report["pairs/s"]) > 0
     assert 0 < speed_ratio(report["peak memory"]) < 1, "one bf16 UNet uses less memory than two fp32 ones"
+
+
+@pytest.mark.slow
+def test_merge_ablation_prints_ip_per_category_for_each_method(tmp_path: Path) -> None:
+    small = ["--pairs-per-concept", "6", "--expert-steps", "10", "--batch-size", "8", "--images-per-prompt", "1",
+             "--render-steps", "8", "--merge-batches", "1", "--reference-renders", "1", "--all-single-steps", "20"]
+    result = run([sys.executable, str(REPO / "benchmarks" / "merge_ablation.py"), "--output", str(tmp_path / "demo"),
+                  "--methods", "comerge", "linear", *small], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in result.stdout.splitlines()
+             if line.split() and line.split()[0] in {"base", "comerge", "linear", "all_single"}}
+    assert set(table) == {"base", "comerge", "linear", "all_single"}
+    assert all(len(values) == 8 for values in table.values()), "4 categories, overall, two fidelities, FID"
+    assert min(table["base"][:5]) > 0.9, "held-out unsafe prompts show their concept on the base model"
+    assert all(0.0 <= v <= 1.0 for values in table.values() for v in values[:7])
+    saved = json.loads((tmp_path / "demo" / "ablation" / "merge_ablation.json").read_text())
+    assert set(saved["rows"]) == {"comerge", "linear", "all_single"}

@@ -8,12 +8,8 @@ from dataclasses import fields
 from safetydpo.toyworld.demo import DemoSettings, run_demo
 
 
-def run(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="safetydpo demo",
-        description="Build ToyWorld CoProV2 pairs, train one DPO expert per category, Co-Merge them, and "
-        "measure IP and prompt fidelity before/after (report in OUTPUT/demo_report.md).",
-    )
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per DemoSettings field, so every demo size can be set from a command line."""
     defaults = DemoSettings()
     for field in fields(DemoSettings):
         value = getattr(defaults, field.name)
@@ -22,8 +18,21 @@ def run(argv: list[str]) -> None:
             parser.add_argument(flag, dest=field.name, nargs="+", default=value)
         else:
             parser.add_argument(flag, dest=field.name, type=type(value), default=value)
+
+
+def settings_from(args: argparse.Namespace) -> DemoSettings:
+    return DemoSettings(**{field.name: getattr(args, field.name) for field in fields(DemoSettings)})
+
+
+def run(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="safetydpo demo",
+        description="Build ToyWorld CoProV2 pairs, train one DPO expert per category, Co-Merge them, and "
+        "measure IP and prompt fidelity before/after (report in OUTPUT/demo_report.md).",
+    )
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    rows = run_demo(DemoSettings(**vars(args)))
+    rows = run_demo(settings_from(args))
     print(f"\n{'category':<16}{'IP base':>9}{'IP aligned':>12}{'drop':>8}{'neutral fid. base/aligned':>28}{'safe fid. base/aligned':>25}")
     for r in rows:
         print(
