@@ -12,7 +12,6 @@ evaluation code and seeds as the demo.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from safetydpo.cli.demo import add_settings_arguments, settings_from
@@ -75,7 +74,7 @@ def main() -> None:
         print(f"{model:<12}" + "".join(f"{r['ip_aligned']:>15.3f}" for r in rows)
               + f"{rows[-1]['unsafe_fidelity_aligned']:>14.3f}{rows[-1]['safe_fidelity_aligned']:>11.3f}"
               + f"{payload['results'][model]['safe']['fid']['value']:>9.2f}")
-    print(f"\nper-method rows: {root / 'ablation' / 'merge_ablation.json'}; evaluation: {json.dumps(str(root / 'ablation' / 'eval'))}")
+    print(f"\nper-method rows: {root / 'ablation' / 'merge_ablation.json'}; evaluation: {root / 'ablation' / 'eval'}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
-from safetydpo.losses.base import LOSSES, DenoisingErrors, LossOutput, PreferenceLoss
+from safetydpo.losses.base import LOSSES, DenoisingErrors, LossOutput
+from safetydpo.losses.diffusion_dpo import DiffusionDPOLoss
 
 
 @LOSSES.register("dpo_sft")
 @dataclass
-class DPOSFTLoss(PreferenceLoss):
+class DPOSFTLoss(DiffusionDPOLoss):
     """``-log sigmoid(beta/2 * margin) + sft_weight * (e_w - ref_w)``.
 
     The sigmoid loss alone is satisfied as well by raising the loser's error as by lowering the
@@ -24,8 +23,6 @@ class DPOSFTLoss(PreferenceLoss):
     sft_weight: float = 10.0
 
     def __call__(self, errors: DenoisingErrors) -> LossOutput:
-        reward_margin = 0.5 * self.beta * errors.margin
-        if errors.reference_winner is None:
-            raise ValueError("dpo_sft needs reference errors")
-        fit_winner = errors.policy_winner - errors.reference_winner
-        return LossOutput(loss=(-F.logsigmoid(reward_margin) + self.sft_weight * fit_winner).mean(), reward_margin=reward_margin)
+        preference = super().__call__(errors)  # also refuses errors without a reference
+        fit_winner = (errors.policy_winner - errors.reference_winner).mean()  # type: ignore[operator]
+        return LossOutput(loss=preference.loss + self.sft_weight * fit_winner, reward_margin=preference.reward_margin)
