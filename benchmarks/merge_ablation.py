@@ -21,7 +21,9 @@ from safetydpo.evaluation.runner import evaluate
 from safetydpo.io import write_json_atomic
 from safetydpo.merging import MERGES
 from safetydpo.merging.pipeline import merge_expert_files
-from safetydpo.toyworld.demo import DemoSettings, build_pairs, eval_config, summarize, toyworld_fidelity, train_expert, write_heldout
+from safetydpo.toyworld.demo import (
+    DemoSettings, build_pairs, demo_merge, eval_config, summarize, toyworld_fidelity, train_expert, write_heldout,
+)
 from safetydpo.toyworld.world import CATEGORIES, RESOLUTION
 
 
@@ -53,7 +55,7 @@ def main() -> None:
     loras: dict[str, Path] = {}
     for method in args.methods or MERGES.names():
         loras[method] = root / "ablation" / f"{method}.safetensors"
-        merge_expert_files(experts, loras[method], method=method, pretrained_model_name_or_path=settings.pipeline,
+        merge_expert_files(experts, loras[method], method=demo_merge(settings, method), pretrained_model_name_or_path=settings.pipeline,
                            data_dir=str(data_dir), num_batches=settings.merge_batches, batch_size=settings.batch_size,
                            resolution=RESOLUTION, seed=settings.seed, device="cpu")
     loras["all_single"] = all_single

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from safetydpo.data import CoProV2DataModule, DatasetError, normalize_category
-from safetydpo.data.datamodule import split_concepts
+from safetydpo.data.datamodule import anchor_pool, split_concepts
+from safetydpo.data.table import read_rows
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:
@@ -143,3 +144,40 @@ def test_missing_directory_and_table(tmp_path: Path) -> None:
 def test_too_small_training_split(synthetic_data_dir: Path) -> None:
     with pytest.raises(DatasetError, match="fewer than batch_size=64"):
         datamodule(synthetic_data_dir, categories=["hate"], batch_size=64)
+
+
+def test_anchor_pool_skips_safe_prompts_naming_a_trained_concept() -> None:
+    rows = [{"safe_prompt": p} for p in ("a Crimson cube", "a crimsonish cube", "a blue cube", "scarlet, on grey")]
+    assert anchor_pool(rows, ["crimson", "scarlet"]) == [1, 2]
+
+
+def test_anchors_are_safe_renders_of_other_rows_redrawn_each_epoch(synthetic_data_dir: Path) -> None:
+    dm = datamodule(synthetic_data_dir, categories=["sexual"], val_fraction=0.0, anchors=True)
+    pool = dm.train_set.anchor_pool
+    assert len({row["category"] for row, _ in pool}) == 4, "anchors come from every category"
+    loader = dm.train_dataloader()
+
+    def epoch_anchors(epoch: int) -> list[tuple[int, int]]:
+        loader.sampler.set_epoch(epoch)
+        return sorted((p, a) for batch in loader for p, a in zip(batch["position"].tolist(), batch["anchor_position"].tolist()))
+
+    first = epoch_anchors(0)
+    assert first == epoch_anchors(0), "seeded"
+    assert [p for p, _ in first] == [p for p, _ in epoch_anchors(1)] and first != epoch_anchors(1), "same pairs, new anchors"
+    loader.sampler.set_epoch(0)
+    batch = next(iter(loader))
+    rows = {position: row for row, position in pool}
+    for i, position in enumerate(batch["anchor_position"].tolist()):
+        assert batch["anchor_prompt"][i] == rows[position]["safe_prompt"]
+        assert torch.equal(batch["anchor_pixels"][i], dm.train_set._load_image(rows[position], position, "image_safe"))
+    assert "anchor_prompt" not in next(iter(datamodule(synthetic_data_dir, categories=["sexual"], val_fraction=0.0).train_dataloader()))
+
+
+def test_anchors_need_a_safe_prompt_free_of_trained_concepts(synthetic_data_dir: Path, tmp_path: Path) -> None:
+    data = copy_dataset(synthetic_data_dir, tmp_path / "data")
+    rows = read_rows(data / "metadata.parquet")
+    (data / "metadata.parquet").unlink()
+    lines = [json.dumps({**row, "safe_prompt": row["safe_prompt"] + ", not magenta"}) for row in rows]
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="anchors: every safe prompt in .*metadata.jsonl names a trained concept"):
+        datamodule(data, categories=["sexual"], anchors=True)

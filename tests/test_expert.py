@@ -222,3 +222,52 @@ def test_nan_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(
         assert all(torch.equal(value, poison.good[name]) for name, value in checkpoint["state_dict"].items())
     resumed = fit(tiny_pipeline_dir, synthetic_data_dir, tmp_path / "resumed", max_steps=4, ckpt_path=str(checkpoints / "last.ckpt"))
     assert list(resumed.losses) == [3] and math.isfinite(resumed.losses[3])
+
+
+def anchored_batch(data_dir: Path) -> dict:
+    dm = CoProV2DataModule(str(data_dir), categories=["violence"], resolution=32, batch_size=4, val_fraction=0.0, anchors=True)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_anchor_term_is_the_weighted_drift_from_the_reference(tiny_pipeline_dir: Path, synthetic_data_dir: Path) -> None:
+    batch = anchored_batch(synthetic_data_dir)
+    module = expert(tiny_pipeline_dir, loss="diffusion_dpo", anchor_weight=3.0)
+    output, errors = module.preference_step(batch, step=0)
+    assert torch.equal(errors.anchor_drift, torch.zeros(4)), "lora_B = 0 at init: no drift"
+    for name, param in module.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    output, errors = module.preference_step(batch, step=0)
+    assert errors.anchor_drift.shape == (4,) and errors.anchor_drift.min() > 0
+    assert output.loss.item() == pytest.approx(module.loss_fn(errors).loss.item() + 3.0 * errors.anchor_drift.mean().item(), rel=1e-6)
+    unanchored = expert(tiny_pipeline_dir, loss="diffusion_dpo")
+    unanchored.load_state_dict({n: p for n, p in module.named_parameters() if p.requires_grad}, strict=False)
+    plain_output, plain_errors = unanchored.preference_step(batch, step=0)
+    assert plain_errors.anchor_drift is None, "anchors in the batch are ignored at weight 0"
+    assert torch.equal(plain_errors.policy_winner, errors.policy_winner), "anchors share the forward pass without changing the pairs"
+    plain = violence_data(synthetic_data_dir)
+    plain.setup("fit")
+    with pytest.raises(ValueError, match="anchor_weight > 0 needs anchors in the batches: set data.anchors: true"):
+        module.preference_step(next(iter(plain.train_dataloader())), step=0)
+
+
+def test_anchor_weight_keeps_the_expert_near_the_base_on_anchors(tiny_pipeline_dir: Path, synthetic_data_dir: Path) -> None:
+    batch = anchored_batch(synthetic_data_dir)
+
+    def drift_after_training(anchor_weight: float) -> float:
+        torch.manual_seed(0)
+        module = expert(tiny_pipeline_dir, loss="diffusion_dpo", learning_rate=3e-3, anchor_weight=anchor_weight)
+        optimizer = module.configure_optimizers()["optimizer"]
+        for step in range(15):
+            output, _ = module.preference_step(batch, step=step)
+            optimizer.zero_grad()
+            output.loss.backward()
+            optimizer.step()
+        measuring = expert(tiny_pipeline_dir, loss="diffusion_dpo", anchor_weight=1.0)
+        measuring.load_state_dict({n: p for n, p in module.named_parameters() if p.requires_grad}, strict=False)
+        with torch.no_grad():
+            return measuring.preference_step(batch, step=99)[1].anchor_drift.mean().item()
+
+    free, anchored = drift_after_training(0.0), drift_after_training(1000.0)
+    assert anchored < 0.2 * free, (anchored, free)

@@ -56,32 +56,58 @@ def test_layer_probe_matches_hand_computed_activity() -> None:
     assert torch.allclose(probe.mean(), torch.tensor([[10.0, 1.5], [1.0, 0.0]]))
 
 
-def test_comerge_of_one_expert_returns_it(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+def test_comerge_of_one_expert_keeps_its_update(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
     expert = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
+    comerge = MERGES.build("comerge")
+    prepared = comerge.prepare([expert])
     unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet
-    stats = collect_activations(unet, [expert], unet_inputs())
-    merged = MERGES.build("comerge").merge([expert], stats)
+    merged = comerge.merge(prepared, collect_activations(unet, prepared, unet_inputs()))
     for name, factors in expert.layers.items():
-        assert torch.equal(merged.layers[name].down, factors.down)
-        assert torch.equal(merged.layers[name].up, factors.up)
+        assert torch.allclose(merged.layers[name].delta(), factors.delta(), atol=1e-6)
     assert merged.info["contribution_share"] == {"a": 1.0}
 
 
-def test_each_merged_weight_is_the_more_active_experts(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    # Expert a is strong on rank directions 0 and 2, expert b on 1 and 3.
-    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, scale_rows=[20, 0.01, 20, 0.01]))
-    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, scale_rows=[0.01, 20, 0.01, 20]))
+def test_comerge_keeps_the_most_active_principal_directions(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    # Each expert has two strong and two near-zero raw directions, so two strong principal directions.
+    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, scale_rows=[20, 0.001, 20, 0.001]))
+    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, scale_rows=[0.001, 20, 0.001, 20]))
+    comerge = MERGES.build("comerge")
+    prepared = comerge.prepare([a, b])
     unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet
-    stats = collect_activations(unet, [a, b], unet_inputs())
-    merged = MERGES.build("comerge").merge([a, b], stats)
+    stats = collect_activations(unet, prepared, unet_inputs())
+    merged = comerge.merge(prepared, stats)
     for name in a.layers:
-        winners = stats.scores[name].argmax(0).tolist()
-        assert winners == [0, 1, 0, 1], (name, stats.scores[name])
-        for direction, winner in enumerate(winners):
-            source = (a, b)[winner].layers[name]
-            assert torch.equal(merged.layers[name].down[direction], source.down[direction])
-            assert torch.equal(merged.layers[name].up[:, direction], source.up[:, direction])
+        for raw, principal in zip((a, b), prepared):
+            assert torch.allclose(principal.layers[name].delta(), raw.layers[name].delta(), atol=1e-6), "same update"
+            norms = principal.layers[name].up.flatten(1).norm(dim=0)
+            assert torch.all(norms[:-1] >= norms[1:]), "principal directions come strongest first"
+        strong = [(expert, k) for expert in prepared for k in (0, 1)]
+        assert stats.scores[name][:, :2].min() > stats.scores[name][:, 2:].max(), (name, stats.scores[name])
+        merged_layer = merged.layers[name]
+        for direction in range(4):
+            sources = [(e, k) for e, k in strong if torch.equal(merged_layer.down[direction], e.layers[name].down[k])]
+            assert len(sources) == 1, "each merged direction is copied from exactly one expert direction"
+            expert, k = sources[0]
+            assert torch.equal(merged_layer.up[:, direction], expert.layers[name].up[:, k])
+        total = a.layers[name].delta() + b.layers[name].delta()
+        assert (merged_layer.delta() - total).norm() < 1e-3 * total.norm(), "only the near-zero directions are dropped"
     assert merged.info["contribution_share"] == {"a": 0.5, "b": 0.5}
+
+
+def test_comerge_rank_sets_the_merged_size(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
+    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2))
+    unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet
+    for rank in (2, 8):
+        comerge = MERGES.build("comerge", rank=rank)
+        prepared = comerge.prepare([a, b])
+        merged = comerge.merge(prepared, collect_activations(unet, prepared, unet_inputs()))
+        for name in a.layers:
+            assert merged.layers[name].rank == rank
+            if rank == 8:  # every direction of both experts: their sum
+                assert torch.allclose(merged.layers[name].delta(), a.layers[name].delta() + b.layers[name].delta(), atol=1e-5)
+    with pytest.raises(ValueError, match="comerge rank must be >= 1"):
+        MERGES.build("comerge", rank=0).merge(prepared, collect_activations(unet, prepared, unet_inputs(1)))
 
 
 def test_baselines_on_two_experts(tiny_pipeline_dir: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ def split_concepts(concepts: list[str], val_fraction: float, seed: int) -> tuple
     return set(ordered[num_val:]), set(ordered[:num_val])
 
 
+def anchor_pool(rows: list[dict[str, Any]], concepts: list[str]) -> list[int]:
+    """Rows whose safe prompt names none of ``concepts`` (whole words, any case): safe content to keep."""
+    named = re.compile(r"\b(?:" + "|".join(re.escape(c) for c in sorted(set(concepts))) + r")\b", re.IGNORECASE)
+    return [i for i, row in enumerate(rows) if not named.search(row["safe_prompt"])]
+
+
 class CoProV2DataModule(LightningDataModule):
     """Serves (winner = safe image, loser = unsafe image, condition = unsafe prompt) batches.
 
@@ -38,6 +45,10 @@ class CoProV2DataModule(LightningDataModule):
         num_workers: dataloader worker processes.
         seed: fixes the concept split and the shuffling order of every epoch.
         use_precomputed: read latents/text embeddings from the ``features`` shards; ``None`` = when present.
+        anchors: give every pair an anchor, the safe prompt and safe render of a row from any category
+            whose safe prompt names none of the trained concepts (re-drawn each epoch, seeded). The model's
+            ``anchor_weight`` keeps predictions on anchors at the base model's, so an expert changes
+            only what its concepts ask for (see docs/losses.md).
     """
 
     def __init__(
@@ -51,6 +62,7 @@ class CoProV2DataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         use_precomputed: bool | None = None,
+        anchors: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -80,13 +92,16 @@ class CoProV2DataModule(LightningDataModule):
                     f"category {', '.join(unknown)} has no rows in {path}; categories present: {', '.join(available)}"
                 )
         keep = [i for i, row in enumerate(rows) if self.categories is None or row["category"] in self.categories]
-        use_precomputed = self._resolve_precomputed(rows, keep, path)
+        pool = anchor_pool(rows, [rows[i]["concept"] for i in keep]) if self.hparams.anchors else None
+        if pool == []:
+            raise DatasetError(f"anchors: every safe prompt in {path} names a trained concept, so there is nothing to anchor on")
+        use_precomputed = self._resolve_precomputed(rows, keep + (pool or []), path)
         train_concepts, val_concepts = split_concepts(
             [rows[i]["concept"] for i in keep], self.hparams.val_fraction, self.hparams.seed
         )
         self.train_concepts = sorted(train_concepts)
-        self.train_set = self._dataset(rows, [i for i in keep if rows[i]["concept"] in train_concepts], use_precomputed)
-        self.val_set = self._dataset(rows, [i for i in keep if rows[i]["concept"] in val_concepts], use_precomputed)
+        self.train_set = self._dataset(rows, [i for i in keep if rows[i]["concept"] in train_concepts], use_precomputed, pool)
+        self.val_set = self._dataset(rows, [i for i in keep if rows[i]["concept"] in val_concepts], use_precomputed, pool)
         if len(self.train_set) < self.hparams.batch_size:
             raise DatasetError(
                 f"training split of {path} has {len(self.train_set)} pairs, fewer than batch_size="
@@ -103,13 +118,17 @@ class CoProV2DataModule(LightningDataModule):
             raise DatasetError(f"use_precomputed=true but {path} row {first} has no '{FEATURES_COLUMN}' shard")
         return requested
 
-    def _dataset(self, rows: list[dict[str, Any]], positions: list[int], use_precomputed: bool) -> PreferencePairDataset:
+    def _dataset(
+        self, rows: list[dict[str, Any]], positions: list[int], use_precomputed: bool, pool: list[int] | None
+    ) -> PreferencePairDataset:
         return PreferencePairDataset(
             root=self.data_dir,
             rows=[rows[i] for i in positions],
             positions=positions,
             resolution=self.hparams.resolution,
             use_precomputed=use_precomputed,
+            anchor_pool=None if pool is None else [(rows[i], i) for i in pool],
+            anchor_seed=self.hparams.seed,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -120,6 +139,7 @@ class CoProV2DataModule(LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             seed=self.hparams.seed,
+            epoch_in_index=self.hparams.anchors,
         )
         if self._resume_point is not None:
             sampler.skip(self._resume_point["epoch"], self._resume_point["consumed_batches"] * self.hparams.batch_size)

@@ -1,4 +1,9 @@
-"""Preference pairs for DPO: winner = safe render, loser = unsafe render, condition = unsafe prompt."""
+"""Preference pairs for DPO: winner = safe render, loser = unsafe render, condition = unsafe prompt.
+
+Each pair may also carry an *anchor*: the safe prompt and safe render of another row, on which the
+trainer keeps the expert's predictions equal to the base model's. Anchors are re-drawn every epoch
+from a pool, seeded by (seed, pair, epoch), so a small category still sees the whole pool.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from safetydpo.data.table import FEATURES_COLUMN, DatasetError
+from safetydpo.seeding import derive_seed
 
 #: Tensor names inside a features shard, each prefixed by the row id: ``"<id>.latent_safe"``.
 FEATURE_KEYS: tuple[str, ...] = ("latent_safe", "latent_unsafe", "prompt_embeds")
@@ -40,10 +46,14 @@ class PreferencePairDataset(Dataset):
         positions: list[int],
         resolution: int,
         use_precomputed: bool,
+        anchor_pool: list[tuple[dict[str, Any], int]] | None = None,
+        anchor_seed: int = 0,
     ) -> None:
         self.root = root
         self.rows = rows
         self.positions = positions
+        self.anchor_pool = anchor_pool
+        self.anchor_seed = anchor_seed
         self.use_precomputed = use_precomputed
         self.transform = v2.Compose(
             [
@@ -67,7 +77,7 @@ class PreferencePairDataset(Dataset):
     def _check_files(self) -> None:
         """Fail before training starts, naming every row whose files are missing (up to five)."""
         problems = []
-        for row, position in zip(self.rows, self.positions):
+        for row, position in [*zip(self.rows, self.positions), *(self.anchor_pool or [])]:
             for column, relative in self._referenced_files(row):
                 if not relative:
                     problems.append(f"{describe_row(row, position)}: column {column} is empty")
@@ -94,7 +104,14 @@ class PreferencePairDataset(Dataset):
         except Exception as err:  # safetensors raises its own error types for missing keys and bad headers
             raise DatasetError(f"{describe_row(row, position)}: cannot read features from {path}: {err}") from err
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def anchor_for(self, position: int, epoch: int) -> tuple[dict[str, Any], int]:
+        """The anchor row (and its table position) that pair ``position`` gets in ``epoch``."""
+        assert self.anchor_pool is not None, "this dataset has no anchors"
+        return self.anchor_pool[derive_seed(self.anchor_seed, "anchor", position, epoch) % len(self.anchor_pool)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Item ``index``; an index past the end carries an epoch (``epoch * len + item``, see the sampler)."""
+        epoch, item = divmod(index, len(self.rows))
         row, position = self.rows[item], self.positions[item]
         sample: dict[str, Any] = {"position": position, "prompt": row["unsafe_prompt"]}
         if self.use_precomputed:
@@ -105,4 +122,12 @@ class PreferencePairDataset(Dataset):
         else:
             sample["pixels_winner"] = self._load_image(row, position, "image_safe")
             sample["pixels_loser"] = self._load_image(row, position, "image_unsafe")
+        if self.anchor_pool is not None:
+            anchor, anchor_position = self.anchor_for(position, epoch)
+            sample["anchor_position"] = anchor_position
+            sample["anchor_prompt"] = anchor["safe_prompt"]
+            if self.use_precomputed:
+                sample["anchor_latents"] = self._load_features(anchor, anchor_position)["latent_safe"]
+            else:
+                sample["anchor_pixels"] = self._load_image(anchor, anchor_position, "image_safe")
         return sample

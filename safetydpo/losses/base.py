@@ -20,12 +20,15 @@ class DenoisingErrors:
     Diffusion-DPO approximates each image's log-likelihood by its negative denoising error at a
     shared noise and timestep, so every preference loss is a function of these vectors. The
     reference errors are ``None`` for losses that declare ``uses_reference = False``.
+    ``anchor_drift`` (per anchor, when the batch has anchors) is the mean squared difference between
+    policy and reference predictions on safe anchor prompts; losses ignore it, the trainer adds it.
     """
 
     policy_winner: Tensor
     policy_loser: Tensor
     reference_winner: Tensor | None = None
     reference_loser: Tensor | None = None
+    anchor_drift: Tensor | None = None
 
     @property
     def margin(self) -> Tensor:

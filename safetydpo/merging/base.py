@@ -29,6 +29,10 @@ class MergeMethod(ABC):
     registry_name: ClassVar[str]
     needs_activations: ClassVar[bool] = False
 
+    def prepare(self, experts: list[LoraExpert]) -> list[LoraExpert]:
+        """The experts as this method reads them, before activation statistics are collected."""
+        return experts
+
     @abstractmethod
     def merge(self, experts: list[LoraExpert], stats: ActivationStats | None) -> MergeResult:
         """Merge ``experts`` (already checked compatible); ``stats`` is given when ``needs_activations``."""

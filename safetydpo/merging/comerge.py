@@ -1,45 +1,67 @@
-"""Co-Merge (SafetyDPO, arXiv 2412.10493, Sec. 3.3): each LoRA weight comes from its most active expert.
+"""Co-Merge (SafetyDPO, arXiv 2412.10493, Sec. 3.3): the merged LoRA keeps the experts' most active weights.
 
 The paper selects, for every LoRA weight, the expert whose activation on inputs spanning all
-categories is highest. No reference code was released. We take the unit of selection to be a
-rank direction (row ``r`` of ``lora_A`` with column ``r`` of ``lora_B``): the two only act
-together, so mixing experts within one direction would produce a direction no expert learned,
-while choosing whole layers would let one expert erase the others. Activity is defined in
-``safetydpo.merging.activations``. Experts must share rank and layers (``check_compatible``).
+categories is highest. No reference code was released. Two choices make that rule well defined:
+
+- The unit of selection is a rank direction (row ``r`` of ``lora_A`` with column ``r`` of
+  ``lora_B``): the two only act together, so mixing experts within one direction would produce a
+  direction no expert learned, while choosing whole layers would let one expert erase the others.
+- Directions are read in each expert's principal basis (the SVD of its ``delta W``). A LoRA's
+  raw directions are arbitrary (any invertible mixing of them gives the same ``delta W``) and each
+  carries a slice of every learned edit, so keeping a few raw directions keeps a few slices of
+  everything. Principal directions are ordered by strength, and keeping one keeps a whole component.
+
+Per layer, the ``rank`` most active directions over all experts are kept (activity is defined in
+``safetydpo.merging.activations``). The default ``rank`` is the experts' rank: the merged LoRA is
+the size of one expert, as in the paper. Experts must share rank and layers (``check_compatible``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from safetydpo.merging.activations import ActivationStats
-from safetydpo.merging.base import MERGES, MergeMethod, MergeResult
+from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, refactor
 from safetydpo.merging.experts import LoraExpert, LoraFactors
+
+
+def principal_directions(expert: LoraExpert) -> LoraExpert:
+    """The same expert with each layer re-factorised by SVD: direction ``k`` is the ``k``-th strongest."""
+    layers = {name: refactor(factors.delta(), factors.rank, factors) for name, factors in expert.layers.items()}
+    return dataclasses.replace(expert, layers=layers)
 
 
 @MERGES.register("comerge")
 @dataclass
 class CoMerge(MergeMethod):
-    """Per layer and rank direction, copy the factors of the expert with the highest activity."""
+    """Per layer, copy the ``rank`` most active principal directions, whichever experts they come from."""
 
+    rank: int | None = None
     needs_activations = True
+
+    def prepare(self, experts: list[LoraExpert]) -> list[LoraExpert]:
+        return [principal_directions(expert) for expert in experts]
 
     def merge(self, experts: list[LoraExpert], stats: ActivationStats | None) -> MergeResult:
         if stats is None:
             raise ValueError("comerge needs activation statistics")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"comerge rank must be >= 1, got {self.rank}")
         layers, wins = {}, torch.zeros(len(experts))
         for name, first in experts[0].layers.items():
-            winners = stats.scores[name].argmax(dim=0)  # (rank,)
+            scores = stats.scores[name]  # (experts, rank)
+            kept = scores.flatten().topk(min(self.rank or first.rank, scores.numel())).indices
+            owners, directions = kept // first.rank, kept % first.rank
             downs = torch.stack([expert.layers[name].down for expert in experts])
             ups = torch.stack([expert.layers[name].up for expert in experts])
-            directions = torch.arange(first.rank)
             layers[name] = LoraFactors(
-                down=downs[winners, directions].clone(),
-                up=ups[winners, :, directions].movedim(0, 1).clone(),
+                down=downs[owners, directions].clone(),
+                up=ups[owners, :, directions].movedim(0, 1).clone(),
             )
-            wins += torch.bincount(winners, minlength=len(experts)).float()
+            wins += torch.bincount(owners, minlength=len(experts)).float()
         share = (wins / wins.sum()).tolist()
         return MergeResult(
             layers=layers,

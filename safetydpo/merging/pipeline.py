@@ -61,6 +61,7 @@ def merge_expert_files(
     merge_method = MERGES.build(method)
     experts = [load_expert(path) for path in expert_paths]
     check_compatible(experts)
+    experts = merge_method.prepare(experts)
     stats = None
     base = pretrained_model_name_or_path or experts[0].card.get("base_model")
     if merge_method.needs_activations:

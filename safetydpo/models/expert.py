@@ -19,7 +19,9 @@ from safetydpo.models.components import DiffusionComponents, encode_images, enco
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
 
 # Independent random streams drawn per pair from (noise_seed, step, dataset row, stream).
-NOISE_STREAM, WINNER_LATENT_STREAM, LOSER_LATENT_STREAM = 0, 1, 2
+NOISE_STREAM, WINNER_LATENT_STREAM, LOSER_LATENT_STREAM, ANCHOR_LATENT_STREAM = 0, 1, 2, 3
+# Anchors draw their diffusion noise from (noise_seed, step, row + offset), apart from the pairs' noise.
+ANCHOR_NOISE_OFFSET = 1 << 40
 
 # Components handed to ``DPOExpertModule.from_components``; out of band so they stay out of hparams and the CLI schema.
 _PRELOADED: ContextVar[DiffusionComponents | None] = ContextVar("preloaded_components", default=None)
@@ -48,6 +50,11 @@ def noise_and_timesteps(
     return torch.stack(noise).to(latents), torch.cat(timesteps).to(latents.device)
 
 
+def _squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-sample mean squared error, shape ``(batch,)``."""
+    return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+
+
 class DPOExpertModule(LightningModule):
     """Trains only a LoRA on the UNet; the reference is the same UNet with the adapter disabled.
 
@@ -72,6 +79,11 @@ class DPOExpertModule(LightningModule):
         gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
         channels_last: NHWC memory format for the UNet convolutions (faster on recent GPUs).
         compile: ``torch.compile`` the UNet (one graph each for the policy and reference passes).
+        anchor_weight: weight of the anchor term, the mean squared difference between policy and
+            reference predictions on anchors (safe prompts outside the expert's concepts, served by
+            ``CoProV2DataModule(anchors=True)``). It keeps an expert from shifting neighbouring
+            concepts (red -> purple also turning green into blue) and reduces the interference of
+            merged experts; 0 disables it.
     """
 
     def __init__(
@@ -90,8 +102,11 @@ class DPOExpertModule(LightningModule):
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        anchor_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight}")
         self.loss_fn = build_loss(loss)
         self.lora_settings = lora or LoraSettings()
         self.save_hyperparameters(ignore=["loss", "lora"])
@@ -160,8 +175,23 @@ class DPOExpertModule(LightningModule):
         winner, loser = encode_images(self.vae, pixels, generators).chunk(2)
         return winner, loser, encode_prompts(self.components, list(batch["prompt"]))
 
+    def _anchor_inputs(self, batch: dict[str, Any], step: int) -> tuple[Tensor, Tensor] | None:
+        """Anchor latents and safe-prompt embeddings, or ``None`` when the anchor term is off."""
+        has_anchors = "anchor_prompt" in batch
+        if self.hparams.anchor_weight > 0 and not has_anchors:
+            raise ValueError("anchor_weight > 0 needs anchors in the batches: set data.anchors: true")
+        if not has_anchors or self.hparams.anchor_weight == 0:
+            return None
+        if "anchor_latents" in batch:
+            latents = batch["anchor_latents"]
+        else:
+            generators = pair_generators(self.hparams.noise_seed, step, batch["anchor_position"], ANCHOR_LATENT_STREAM)
+            latents = encode_images(self.vae, batch["anchor_pixels"], generators)
+        return latents, encode_prompts(self.components, list(batch["anchor_prompt"]))
+
     # ------------------------------------------------------------------ loss
-    def _per_pair_error(self, latents: Tensor, noise: Tensor, timesteps: Tensor, embeds: Tensor) -> Tensor:
+    def _predict(self, latents: Tensor, noise: Tensor, timesteps: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """The UNet's prediction for the noised ``latents`` and its training target, both float32."""
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -171,27 +201,44 @@ class DPOExpertModule(LightningModule):
         else:
             raise ValueError(f"unsupported prediction_type '{prediction_type}'; use epsilon or v_prediction")
         prediction = self._unet_forward(noisy, timesteps, encoder_hidden_states=embeds.to(noisy.dtype)).sample
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return prediction.float(), target.float()
 
     def preference_step(self, batch: dict[str, Any], step: int) -> tuple[LossOutput, DenoisingErrors]:
-        """Errors of policy and reference on one batch of pairs, and the configured loss over them."""
+        """Errors of policy and reference on one batch of pairs (and anchors), and the loss over them."""
         winner, loser, embeds = self._batch_inputs(batch, step)
-        noise, timesteps = noise_and_timesteps(
-            winner, batch["position"], self.hparams.noise_seed, step, self.noise_scheduler.config.num_train_timesteps
-        )
-        # Winner and loser share noise and timestep and go through the UNet in one forward pass.
-        args = (torch.cat([winner, loser]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2), embeds.repeat(2, 1, 1))
-        policy_winner, policy_loser = self._per_pair_error(*args).chunk(2)
-        reference_winner = reference_loser = None
-        if self.loss_fn.uses_reference:
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        noise, timesteps = noise_and_timesteps(winner, batch["position"], self.hparams.noise_seed, step, num_train_timesteps)
+        # Winner and loser share noise and timestep; they and the anchors go through the UNet in one forward pass.
+        parts = [(torch.cat([winner, loser]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2), embeds.repeat(2, 1, 1))]
+        anchors = self._anchor_inputs(batch, step)
+        if anchors is not None:
+            anchor_latents, anchor_embeds = anchors
+            positions = batch["anchor_position"] + ANCHOR_NOISE_OFFSET
+            anchor_noise, anchor_timesteps = noise_and_timesteps(anchor_latents, positions, self.hparams.noise_seed, step, num_train_timesteps)
+            parts.append((anchor_latents.to(winner), anchor_noise, anchor_timesteps, anchor_embeds.to(embeds)))
+        args = tuple(torch.cat(tensors) for tensors in zip(*parts))
+        num_pairs = 2 * winner.shape[0]
+        prediction, target = self._predict(*args)
+        policy_winner, policy_loser = _squared_error(prediction[:num_pairs], target[:num_pairs]).chunk(2)
+        reference_winner = reference_loser = anchor_drift = None
+        if self.loss_fn.uses_reference or anchors is not None:
+            # The reference only needs the anchors when the loss itself is reference-free.
+            start = 0 if self.loss_fn.uses_reference else num_pairs
             with torch.no_grad():
                 self.unet.disable_adapters()
                 try:
-                    reference_winner, reference_loser = self._per_pair_error(*args).chunk(2)
+                    reference, _ = self._predict(*(tensor[start:] for tensor in args))
                 finally:
                     self.unet.enable_adapters()
-        errors = DenoisingErrors(policy_winner, policy_loser, reference_winner, reference_loser)
-        return self.loss_fn(errors), errors
+            if self.loss_fn.uses_reference:
+                reference_winner, reference_loser = _squared_error(reference[:num_pairs], target[:num_pairs]).chunk(2)
+            if anchors is not None:
+                anchor_drift = _squared_error(prediction[num_pairs:], reference[num_pairs - start :])
+        errors = DenoisingErrors(policy_winner, policy_loser, reference_winner, reference_loser, anchor_drift)
+        output = self.loss_fn(errors)
+        if anchor_drift is not None:
+            output = LossOutput(output.loss + self.hparams.anchor_weight * anchor_drift.mean(), output.reward_margin)
+        return output, errors
 
     def _log_step(self, stage: str, output: LossOutput, errors: DenoisingErrors, batch_size: int) -> None:
         metrics = {
@@ -204,6 +251,8 @@ class DPOExpertModule(LightningModule):
         if errors.reference_winner is not None and errors.reference_loser is not None:
             metrics[f"{stage}/mse_reference_winner"] = errors.reference_winner.mean()
             metrics[f"{stage}/mse_reference_loser"] = errors.reference_loser.mean()
+        if errors.anchor_drift is not None:
+            metrics[f"{stage}/anchor_drift"] = errors.anchor_drift.mean()
         on_step = stage == "train"
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, prog_bar=False, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", output.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)

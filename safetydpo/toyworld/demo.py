@@ -28,6 +28,7 @@ from safetydpo.evaluation.config import load_config
 from safetydpo.evaluation.runner import evaluate, plan_all
 from safetydpo.io import atomic_file, write_json_atomic
 from safetydpo.losses import LOSSES, PreferenceLoss
+from safetydpo.merging import MERGES, MergeMethod
 from safetydpo.merging.pipeline import merge_expert_files
 from safetydpo.models import DPOExpertModule, LoraSettings
 from safetydpo.toyworld.pretrain import DEFAULT_PIPELINE
@@ -39,7 +40,7 @@ from safetydpo.toyworld.world import CATEGORIES, RESOLUTION, random_scene, rende
 
 @dataclass
 class DemoSettings:
-    """Sizes of every stage; the defaults are the README run (9 min 21 s on 2 CPU cores)."""
+    """Sizes of every stage; the defaults are the README run (12 min 22 s on 2 CPU cores)."""
 
     output: str = "runs/demo"
     pipeline: str = str(DEFAULT_PIPELINE)
@@ -55,7 +56,9 @@ class DemoSettings:
     loss: str = "dpo_sft"
     beta: float = 20.0  # SD 1.5's 5000 saturates on this small model long before behaviour changes
     sft_weight: float = 10.0  # passed only to losses that take it
+    anchor_weight: float = 100.0  # keeps each expert from shifting neighbouring attribute values
     merge_method: str = "comerge"
+    merge_rank: int = 0  # directions per merged layer, for methods that take a rank; 0 = the experts' rank
     merge_batches: int = 8
     images_per_prompt: int = 6
     reference_renders: int = 4
@@ -82,6 +85,13 @@ def demo_loss(settings: DemoSettings) -> PreferenceLoss:
     return loss_class(**{k: v for k, v in {"beta": settings.beta, "sft_weight": settings.sft_weight}.items() if k in accepted})
 
 
+def demo_merge(settings: DemoSettings, method: str | None = None) -> MergeMethod:
+    """``method`` (default: the configured one), given ``merge_rank`` when it takes a rank and one is set."""
+    merge_class = MERGES.get(method or settings.merge_method)
+    takes_rank = "rank" in {f.name for f in dataclasses.fields(merge_class)}
+    return merge_class(rank=settings.merge_rank) if takes_rank and settings.merge_rank else merge_class()
+
+
 def train_expert(settings: DemoSettings, data_dir: Path, path: Path, category: str, steps: int | None = None) -> Path:
     """One DPO LoRA on ``category``'s pairs (``"all"``: every category's pairs, the all-single ablation)."""
     pl.seed_everything(settings.seed)
@@ -92,9 +102,11 @@ def train_expert(settings: DemoSettings, data_dir: Path, path: Path, category: s
     module = DPOExpertModule(
         settings.pipeline, loss=demo_loss(settings), category=category, learning_rate=settings.learning_rate,
         lora=LoraSettings(rank=settings.lora_rank, target_modules=list(settings.lora_targets)),
+        anchor_weight=settings.anchor_weight,
     )
     data = CoProV2DataModule(str(data_dir), categories=None if category == "all" else [category], val_fraction=0.0,
-                             resolution=RESOLUTION, batch_size=settings.batch_size, seed=settings.seed)
+                             resolution=RESOLUTION, batch_size=settings.batch_size, seed=settings.seed,
+                             anchors=settings.anchor_weight > 0)
     trainer.fit(module, datamodule=data)
     return path
 
@@ -213,7 +225,7 @@ def run_demo(settings: DemoSettings) -> list[dict[str, Any]]:
     data_dir = build_pairs(settings, root)
     experts = train_experts(settings, data_dir, root)
     merged = root / "merged.safetensors"
-    merge_expert_files(experts, merged, method=settings.merge_method, pretrained_model_name_or_path=settings.pipeline,
+    merge_expert_files(experts, merged, method=demo_merge(settings), pretrained_model_name_or_path=settings.pipeline,
                        data_dir=str(data_dir), num_batches=settings.merge_batches, batch_size=settings.batch_size,
                        resolution=RESOLUTION, seed=settings.seed, device="cpu")
     table, reference = write_heldout(settings, root)
