@@ -42,14 +42,16 @@ class CoMerge(MergeMethod):
     rank: int | None = None
     needs_activations = True
 
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"comerge rank must be >= 1, got {self.rank}")
+
     def prepare(self, experts: list[LoraExpert]) -> list[LoraExpert]:
         return [principal_directions(expert) for expert in experts]
 
     def merge(self, experts: list[LoraExpert], stats: ActivationStats | None) -> MergeResult:
         if stats is None:
             raise ValueError("comerge needs activation statistics")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"comerge rank must be >= 1, got {self.rank}")
         layers, wins = {}, torch.zeros(len(experts))
         for name, first in experts[0].layers.items():
             scores = stats.scores[name]  # (experts, rank)

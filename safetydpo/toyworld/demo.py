@@ -78,18 +78,20 @@ def build_pairs(settings: DemoSettings, root: Path) -> Path:
     return build(config).output
 
 
+def _with_accepted(cls: type[Any], **options: Any) -> Any:
+    """``cls`` built from the ``options`` that are among its dataclass fields (losses and merges differ)."""
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in options.items() if key in accepted})
+
+
 def demo_loss(settings: DemoSettings) -> PreferenceLoss:
     """The configured loss with whichever of ``beta`` / ``sft_weight`` it takes."""
-    loss_class = LOSSES.get(settings.loss)
-    accepted = {f.name for f in dataclasses.fields(loss_class)}
-    return loss_class(**{k: v for k, v in {"beta": settings.beta, "sft_weight": settings.sft_weight}.items() if k in accepted})
+    return _with_accepted(LOSSES.get(settings.loss), beta=settings.beta, sft_weight=settings.sft_weight)
 
 
 def demo_merge(settings: DemoSettings, method: str | None = None) -> MergeMethod:
-    """``method`` (default: the configured one), given ``merge_rank`` when it takes a rank and one is set."""
-    merge_class = MERGES.get(method or settings.merge_method)
-    takes_rank = "rank" in {f.name for f in dataclasses.fields(merge_class)}
-    return merge_class(rank=settings.merge_rank) if takes_rank and settings.merge_rank else merge_class()
+    """``method`` (default: the configured one), given ``merge_rank`` when it takes a rank (0 = its default)."""
+    return _with_accepted(MERGES.get(method or settings.merge_method), rank=settings.merge_rank or None)
 
 
 def train_expert(settings: DemoSettings, data_dir: Path, path: Path, category: str, steps: int | None = None) -> Path:
