@@ -104,15 +104,21 @@ class VAEPretrainer(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": _cosine_with_warmup(optimizer, self.total_steps, 50), "interval": "step"}}
 
 
-class LatentPool(Dataset):
-    """Captioned renders encoded once by the trained VAE: (scaled latent mean, scaled std, prompt).
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
+    """Token ids padded to ``MAX_PROMPT_TOKENS``, the text encoder's whole context."""
+    return tokenizer(prompts, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True, return_tensors="pt").input_ids
 
-    Encoding every render once instead of every step makes the diffusion stage cost only the
-    UNet and text encoder; latents are still sampled from the posterior at every step.
+
+class LatentPool(Dataset):
+    """Captioned renders encoded once: (scaled VAE latent mean, scaled std, prompt token ids).
+
+    Encoding every render and tokenising every caption once instead of every step makes the
+    diffusion stage cost only the UNet and text encoder; latents are still sampled from the
+    posterior at every step.
     """
 
-    def __init__(self, vae: AutoencoderKL, size: int, seed: int, batch_size: int = 256) -> None:
-        means, stds, self.prompts = [], [], []
+    def __init__(self, vae: AutoencoderKL, tokenizer: CLIPTokenizer, size: int, seed: int, batch_size: int = 256) -> None:
+        means, stds, ids = [], [], []
         scale = vae.config.scaling_factor
         stream = iter(DataLoader(SceneStream(seed, split="train"), batch_size=batch_size))
         with torch.no_grad():
@@ -121,32 +127,34 @@ class LatentPool(Dataset):
                 posterior = vae.encode(batch["pixels"] * 2 - 1).latent_dist
                 means.append(posterior.mean * scale)
                 stds.append(posterior.std * scale)
-                self.prompts.extend(batch["prompt"])
-        self.means, self.stds = torch.cat(means), torch.cat(stds)
+                ids.append(tokenize(tokenizer, batch["prompt"]))
+        self.means, self.stds, self.input_ids = torch.cat(means), torch.cat(stds), torch.cat(ids)
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.input_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"mean": self.means[index], "std": self.stds[index], "prompt": self.prompts[index]}
+        return {"mean": self.means[index], "std": self.stds[index], "input_ids": self.input_ids[index]}
 
 
 class DiffusionPretrainer(LightningModule):
     """Epsilon-prediction loss for UNet and text encoder together, on pooled VAE latents."""
 
-    def __init__(self, settings: PretrainSettings) -> None:
+    def __init__(self, settings: PretrainSettings, tokenizer: CLIPTokenizer) -> None:
         super().__init__()
-        self.tokenizer = build_clip_tokenizer(MAX_PROMPT_TOKENS)
+        self.tokenizer = tokenizer
         self.text_encoder = build_text_encoder(self.tokenizer)
         self.unet = build_unet()
         self.scheduler = DDPMScheduler(**SCHEDULE)
         self.settings = settings
+        self.register_buffer("empty_prompt_ids", tokenize(self.tokenizer, [""])[0], persistent=False)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents = batch["mean"] + batch["std"] * torch.randn_like(batch["std"])
-        prompts = ["" if torch.rand(()) < self.settings.prompt_dropout else p for p in batch["prompt"]]
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True, return_tensors="pt").input_ids
-        embeds = self.text_encoder(ids.to(self.device))[0]
+        # One scalar draw per sample, the RNG sequence the committed model was trained with.
+        dropped = torch.tensor([bool(torch.rand(()) < self.settings.prompt_dropout) for _ in range(len(latents))], device=self.device)
+        ids = torch.where(dropped[:, None], self.empty_prompt_ids, batch["input_ids"])
+        embeds = self.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
         prediction = self.unet(self.scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=embeds).sample
@@ -181,9 +189,10 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings) -> StableDiffusion
     renders = DataLoader(SceneStream(settings.seed, split="train"), batch_size=settings.vae_batch_size)
     _fit(VAEPretrainer(vae, settings.vae_learning_rate, settings.vae_steps), settings.vae_steps, renders)
     vae.eval().requires_grad_(False).register_to_config(scaling_factor=_latent_scale(vae, settings.seed))
-    pool = LatentPool(vae, settings.pool_size, settings.seed + 1)
+    tokenizer = build_clip_tokenizer(MAX_PROMPT_TOKENS)
+    pool = LatentPool(vae, tokenizer, settings.pool_size, settings.seed + 1)  # before the models: its loader draws from the RNG
     generator = torch.Generator().manual_seed(settings.seed)
-    diffusion = DiffusionPretrainer(settings)
+    diffusion = DiffusionPretrainer(settings, tokenizer)
     _fit(diffusion, settings.diffusion_steps, DataLoader(pool, settings.diffusion_batch_size, shuffle=True, generator=generator, drop_last=True))
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=diffusion.text_encoder, tokenizer=diffusion.tokenizer, unet=diffusion.unet,
