@@ -68,12 +68,16 @@ def load_components(
     )
 
 
+def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded (and truncated) to the tokenizer's full length, the context SD's text encoder expects."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_prompts(components: DiffusionComponents, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states for ``prompts``, padded to the tokenizer's full length as SD expects."""
-    tokenizer = components.tokenizer
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    return components.text_encoder(tokens.input_ids.to(components.text_encoder.device))[0]
+    """Text-encoder hidden states for ``prompts``."""
+    ids = tokenize_prompts(components.tokenizer, prompts)
+    return components.text_encoder(ids.to(components.text_encoder.device))[0]
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from safetydpo.io import atomic_directory
+from safetydpo.models.components import tokenize_prompts
 from safetydpo.models.tokenizer import build_clip_tokenizer
 from safetydpo.toyworld.stream import SceneStream
 from safetydpo.toyworld.world import RESOLUTION
@@ -104,11 +105,6 @@ class VAEPretrainer(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": _cosine_with_warmup(optimizer, self.total_steps, 50), "interval": "step"}}
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
-    """Token ids padded to ``MAX_PROMPT_TOKENS``, the text encoder's whole context."""
-    return tokenizer(prompts, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True, return_tensors="pt").input_ids
-
-
 class LatentPool(Dataset):
     """Captioned renders encoded once: (scaled VAE latent mean, scaled std, prompt token ids).
 
@@ -127,7 +123,7 @@ class LatentPool(Dataset):
                 posterior = vae.encode(batch["pixels"] * 2 - 1).latent_dist
                 means.append(posterior.mean * scale)
                 stds.append(posterior.std * scale)
-                ids.append(tokenize(tokenizer, batch["prompt"]))
+                ids.append(tokenize_prompts(tokenizer, batch["prompt"]))
         self.means, self.stds, self.input_ids = torch.cat(means), torch.cat(stds), torch.cat(ids)
 
     def __len__(self) -> int:
@@ -147,7 +143,7 @@ class DiffusionPretrainer(LightningModule):
         self.unet = build_unet()
         self.scheduler = DDPMScheduler(**SCHEDULE)
         self.settings = settings
-        self.register_buffer("empty_prompt_ids", tokenize(self.tokenizer, [""])[0], persistent=False)
+        self.register_buffer("empty_prompt_ids", tokenize_prompts(self.tokenizer, [""])[0], persistent=False)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents = batch["mean"] + batch["std"] * torch.randn_like(batch["std"])
