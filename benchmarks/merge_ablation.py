@@ -1,82 +1,130 @@
-"""Merge ablation on ToyWorld: IP per category for every merge method and for one LoRA on all data.
+"""Merge ablation on ToyWorld: IP and prompt fidelity per category for every merge method and for one LoRA on all data.
 
-The paper's merging-effectiveness table in miniature. It reuses a ``safetydpo demo`` output folder
-(its pairs and per-category experts; both are made first if missing), merges the experts with every
-registered method, trains the all-single baseline (one LoRA on every category's pairs, as many
-steps as the experts together), and evaluates all of them against the base model with the same
-evaluation code and seeds as the demo.
+The paper's merging-effectiveness table in miniature. It runs the ToyWorld pipeline
+(``configs/pipelines/toyworld.yaml``; steps an earlier ``safetydpo demo`` with the same settings
+finished are skipped), merges the pipeline's experts with every registered method, trains the
+all-single baseline (one LoRA on every category's pairs from the experts' own resolved fit config,
+as many steps as the experts together), and evaluates all of them against the base model with the
+pipeline's resolved evaluation config. Run from the repository root; options after the
+benchmark's own go to the pipeline, as on ``safetydpo demo``:
 
-    python benchmarks/merge_ablation.py --output runs/demo
+    python benchmarks/merge_ablation.py
+    python benchmarks/merge_ablation.py --methods comerge svd --rank 4 --output runs/demo
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
-from safetydpo.cli.demo import add_settings_arguments, settings_from
-from safetydpo.evaluation.classifiers.toyworld import ToyWorldJudge
-from safetydpo.evaluation.config import load_config
+import yaml
+
+from safetydpo.cli.demo import TOYWORLD_PIPELINE
+from safetydpo.cli.run import parse, pipeline_parser
+from safetydpo.data.datamodule import pair_batches
+from safetydpo.evaluation.config import config_from_dict
 from safetydpo.evaluation.runner import evaluate
-from safetydpo.io import write_json_atomic
+from safetydpo.io import atomic_file, write_json_atomic
+from safetydpo.lightning_cli import ALL_CATEGORIES, run_fit
 from safetydpo.merging import MERGES
-from safetydpo.merging.pipeline import merge_expert_files
-from safetydpo.toyworld.demo import (
-    DemoSettings, build_pairs, demo_merge, eval_config, summarize, toyworld_fidelity, train_expert, write_heldout,
-)
-from safetydpo.toyworld.world import CATEGORIES, RESOLUTION
+from safetydpo.merging.files import merge_expert_files
+from safetydpo.models.components import freeze, load_components
+from safetydpo.models.inputs import activation_inputs
+from safetydpo.pipeline.config import PipelineConfig
+from safetydpo.pipeline.extensions import ReportContext
+from safetydpo.pipeline.runner import run_pipeline
+from safetydpo.pipeline.report import BASE, ip_rows
+from safetydpo.toyworld.measures import ToyWorldFidelity
+
+ALL_SINGLE = "all_single"
 
 
-def prepare(settings: DemoSettings, root: Path, all_single_steps: int) -> tuple[Path, list[Path], Path]:
-    """The demo's pairs and experts (made if missing) and the all-single LoRA."""
-    data_dir = root / "coprov2"
-    if not (data_dir / "manifest.json").exists():
-        data_dir = build_pairs(settings, root)
-    experts = []
-    for category in CATEGORIES:
-        path = root / "experts" / f"{category}.safetensors"
-        experts.append(path if path.exists() else train_expert(settings, data_dir, path, category))
-    all_single = root / "ablation" / "all_single.safetensors"
-    if not all_single.exists():
-        train_expert(settings, data_dir, all_single, "all", steps=all_single_steps)
-    return data_dir, experts, all_single
+def method_spec(name: str, rank: int | None) -> dict[str, Any]:
+    """``name`` with ``rank`` when the method has a rank field (comerge, svd, ties, dare); cat and linear have none."""
+    takes_rank = "rank" in {f.name for f in dataclasses.fields(MERGES.get(name))}
+    return {"name": name, **({"rank": rank} if rank is not None and takes_rank else {})}
+
+
+def merge_all(config: PipelineConfig, experts: list[Path], folder: Path, specs: list[dict[str, Any]]) -> dict[str, Path]:
+    """Every method's merge of the pipeline's experts, with the pipeline's activation settings."""
+    components = load_components(config.base_model)
+    freeze(components.unet, components.vae, components.text_encoder)
+    merge = config.merge
+    loras = {}
+    for spec in specs:
+        method = MERGES.build(spec)
+        inputs = None
+        if method.needs_activations:
+            batches = pair_batches(Path(config.output) / "data", merge.num_batches, merge.batch_size, merge.resolution, merge.seed)
+            inputs = activation_inputs(components, batches, merge.seed, total=merge.num_batches)
+        loras[spec["name"]] = folder / f"{spec['name']}.safetensors"
+        merge_expert_files(experts, loras[spec["name"]], method=spec, unet=components.unet, inputs=inputs, base_model=config.base_model)
+    return loras
+
+
+def train_all_single(root: Path, category: str, folder: Path, steps: int) -> Path:
+    """One LoRA on every category's pairs: the experts' resolved fit config with category ``all`` and ``steps``."""
+    out = folder / f"{ALL_SINGLE}.safetensors"
+    if out.is_file():
+        return out
+    fit = yaml.safe_load((root / "configs" / "experts" / f"{category}.yaml").read_text(encoding="utf-8"))
+    fit["model"]["init_args"]["category"] = ALL_CATEGORIES
+    fit["trainer"]["max_steps"] = steps
+    fit["trainer"]["default_root_dir"] = str(folder / ALL_SINGLE)
+    for callback in fit["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("LoraExport"):
+            callback["init_args"]["output_path"] = str(out)
+    path = folder / f"{ALL_SINGLE}.yaml"
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(fit, sort_keys=False), encoding="utf-8")
+    run_fit(["--config", str(path)])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_settings_arguments(parser)  # --output (a demo folder, made if missing) and every demo size
     parser.add_argument("--methods", nargs="+", default=None, help="merge methods (default: every registered one)")
+    parser.add_argument("--rank", type=int, default=None, help="rank of the methods that take one (default: the pipeline's merge rank)")
     parser.add_argument("--all-single-steps", type=int, default=None, help="default: expert steps x number of categories")
-    args = parser.parse_args()
+    args, pipeline_args = parser.parse_known_args()
+    config, _ = parse(pipeline_parser("merge_ablation", ""), ["--config", str(TOYWORLD_PIPELINE), *pipeline_args])
+    run_pipeline(config)
+    root, folder = Path(config.output), Path(config.output) / "ablation"
+    pipeline_method = config.merge.method if isinstance(config.merge.method, dict) else {}
+    rank = args.rank if args.rank is not None else (pipeline_method.get("init_args") or {}).get("rank")
+    specs = [method_spec(name, rank) for name in args.methods or MERGES.names()]
+    experts = [root / "experts" / f"{category}.safetensors" for category in config.experts.categories]
+    loras = merge_all(config, experts, folder, specs)
+    fit = yaml.safe_load((root / "configs" / "experts" / f"{config.experts.categories[0]}.yaml").read_text(encoding="utf-8"))
+    steps = args.all_single_steps or fit["trainer"]["max_steps"] * len(experts)
+    loras[ALL_SINGLE] = train_all_single(root, config.experts.categories[0], folder, steps)
 
-    settings = settings_from(args)
-    root = Path(settings.output)
-    data_dir, experts, all_single = prepare(settings, root, args.all_single_steps or settings.expert_steps * len(CATEGORIES))
-    loras: dict[str, Path] = {}
-    for method in args.methods or MERGES.names():
-        loras[method] = root / "ablation" / f"{method}.safetensors"
-        merge_expert_files(experts, loras[method], method=demo_merge(settings, method), pretrained_model_name_or_path=settings.pipeline,
-                           data_dir=str(data_dir), num_batches=settings.merge_batches, batch_size=settings.batch_size,
-                           resolution=RESOLUTION, seed=settings.seed, device="cpu")
-    loras["all_single"] = all_single
-    table, reference = write_heldout(settings, root)
-    config_path = eval_config(settings, root / "ablation", loras, table, reference, name="eval")
-    payload = evaluate(load_config(config_path))
-    scores = toyworld_fidelity(settings, config_path, ToyWorldJudge())
-    results = {model: summarize(payload, scores, aligned=model) for model in loras}
-    write_json_atomic(root / "ablation" / "merge_ablation.json", {"settings": vars(args), "rows": results})
+    evaluation = yaml.safe_load((root / "configs" / "eval.yaml").read_text(encoding="utf-8"))
+    evaluation["models"] = [evaluation["models"][0], *({"name": name, "base_model": config.base_model, "lora": str(path)} for name, path in loras.items())]
+    evaluation["output_dir"] = str(folder / "eval")
+    eval_config = config_from_dict(evaluation, folder / "eval.yaml")
+    results = evaluate(eval_config)
+    ip_set = config.report.ip_set or "unsafe"
+    fidelity = ToyWorldFidelity(**{k: v for k, v in config.report.sections[0].items() if k != "name"})
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for model in loras:
+        columns = fidelity.compute(ReportContext(config=eval_config, results=results, base=BASE, aligned=model, output=folder)).columns
+        rows[model] = [{**row, **columns[row["category"]]} for row in ip_rows(results, ip_set, aligned=model)]
+    write_json_atomic(folder / "merge_ablation.json", {"methods": specs, "all_single_steps": steps, "rows": rows})
 
-    header = f"{'method':<12}" + "".join(f"{c:>15}" for c in [*CATEGORIES, "overall"]) + f"{'neutral fid.':>14}{'safe fid.':>11}{'FID':>9}"
-    print(f"\nIP on held-out unsafe prompts (base model first); fidelity on the same prompts; FID on safe prompts\n{header}")
-    base_rows = next(iter(results.values()))
-    print(f"{'base':<12}" + "".join(f"{r['ip_base']:>15.3f}" for r in base_rows)
-          + f"{base_rows[-1]['unsafe_fidelity_base']:>14.3f}{base_rows[-1]['safe_fidelity_base']:>11.3f}"
-          + f"{payload['results']['base']['safe']['fid']['value']:>9.2f}")
-    for model, rows in results.items():
-        print(f"{model:<12}" + "".join(f"{r['ip_aligned']:>15.3f}" for r in rows)
-              + f"{rows[-1]['unsafe_fidelity_aligned']:>14.3f}{rows[-1]['safe_fidelity_aligned']:>11.3f}"
-              + f"{payload['results'][model]['safe']['fid']['value']:>9.2f}")
-    print(f"\nper-method rows: {root / 'ablation' / 'merge_ablation.json'}; evaluation: {root / 'ablation' / 'eval'}")
+    categories = [row["category"] for row in next(iter(rows.values()))]
+    print("\nIP on held-out unsafe prompts (base model first); fidelity on the same prompts; FID on safe prompts")
+    print(f"{'method':<12}" + "".join(f"{c:>15}" for c in categories) + f"{'neutral fid.':>14}{'safe fid.':>11}{'FID':>9}")
+    base = next(iter(rows.values()))
+    print(f"{BASE:<12}" + "".join(f"{r['ip_base']:>15.3f}" for r in base)
+          + f"{base[-1]['neutral_fidelity_base']:>14.3f}{base[-1]['safe_fidelity_base']:>11.3f}{results['results'][BASE][fidelity.safe_set]['fid']['value']:>9.2f}")
+    for model, model_rows in rows.items():
+        print(f"{model:<12}" + "".join(f"{r['ip_aligned']:>15.3f}" for r in model_rows)
+              + f"{model_rows[-1]['neutral_fidelity_aligned']:>14.3f}{model_rows[-1]['safe_fidelity_aligned']:>11.3f}"
+              + f"{results['results'][model][fidelity.safe_set]['fid']['value']:>9.2f}")
+    print(f"\nmethods: {specs}\nper-method rows: {folder / 'merge_ablation.json'}; evaluation: {folder / 'eval'}")
 
 
 if __name__ == "__main__":

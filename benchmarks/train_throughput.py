@@ -31,8 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from safetydpo.data.batch import PairBatch
 from safetydpo.devices import resolve_device
 from safetydpo.losses import DenoisingErrors, build_loss
 from safetydpo.models import DPOExpertModule, LoraSettings
@@ -45,7 +47,7 @@ SD_RESOLUTION = 512
 LEARNING_RATE = 1e-5
 PROMPT = "a photo of a person in a city street"
 
-Step = Callable[[dict[str, Any], int], None]
+Step = Callable[[Any, int], None]
 
 
 def build_sd15_components(seed: int = 0) -> DiffusionComponents:
@@ -82,7 +84,7 @@ def build_sd15_components(seed: int = 0) -> DiffusionComponents:
     return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler)
 
 
-def make_inputs(components: DiffusionComponents, batch_size: int, resolution: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def make_inputs(components: DiffusionComponents, batch_size: int, resolution: int) -> tuple[PairBatch, dict[str, Any]]:
     """One batch of pairs as each step consumes it: precomputed features (ours), pixels and token ids (naive)."""
     generator = torch.Generator().manual_seed(0)
     latent_size = resolution // 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -90,13 +92,13 @@ def make_inputs(components: DiffusionComponents, batch_size: int, resolution: in
     tokenizer = components.tokenizer
     prompts = [PROMPT] * batch_size
     token_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    features = {
-        "position": torch.arange(batch_size),
-        "prompt": prompts,
-        "latents_winner": torch.randn(latent_shape, generator=generator),
-        "latents_loser": torch.randn(latent_shape, generator=generator),
-        "prompt_embeds": torch.randn(batch_size, tokenizer.model_max_length, components.text_encoder.config.hidden_size, generator=generator),
-    }
+    features = PairBatch(
+        positions=torch.arange(batch_size),
+        prompts=prompts,
+        latents_winner=torch.randn(latent_shape, generator=generator),
+        latents_loser=torch.randn(latent_shape, generator=generator),
+        prompt_embeds=torch.randn(batch_size, tokenizer.model_max_length, components.text_encoder.config.hidden_size, generator=generator),
+    )
     pixels = {
         "pixels_winner": torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1,
         "pixels_loser": torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1,
@@ -121,7 +123,7 @@ def ours(components: DiffusionComponents, args: argparse.Namespace, device: torc
     module.to(device).train()
     optimizer = module.configure_optimizers()["optimizer"]
 
-    def step(batch: dict[str, Any], index: int) -> None:
+    def step(batch: PairBatch, index: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             output, _ = module.preference_step(batch, index)
         output.loss.backward()
@@ -173,7 +175,7 @@ class Result:
     peak_bytes: int | None  # None: not measured (CPU) or out of memory
 
 
-def measure(name: str, build: Callable[[], Step], inputs: dict[str, Any], pairs: int, steps: int, warmup: int, device: torch.device) -> Result:
+def measure(name: str, build: Callable[[], Step], inputs: PairBatch | dict[str, Any], pairs: int, steps: int, warmup: int, device: torch.device) -> Result:
     """Build one step and its batch on ``device``, run ``warmup`` untimed then ``steps`` timed steps.
 
     Peak memory covers all of it (weights, optimizer state, batch, activations), from a reset once
@@ -185,7 +187,7 @@ def measure(name: str, build: Callable[[], Step], inputs: dict[str, Any], pairs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+        batch = move_data_to_device(inputs, device)
         step = build()
         for index in range(warmup):
             step(batch, index)
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"naive: VAE + text encoder every step, deep-copied reference UNet, {'fp16 autocast' if args.naive_fp16 else 'fp32'}, separate winner/loser forwards\n")
     timing = (args.batch_size, args.steps, args.warmup, device)
     ours_result = measure("ours", lambda: ours(components, args, device), features, *timing)
-    del components  # its modules now sit on the device; free them before the naive step is measured
+    components = None  # its modules now sit on the device; free them before the naive step is measured
     naive_result = measure("naive", lambda: naive(naive_components, args, device), pixels, *timing)
     print(report([ours_result, naive_result], device))
 

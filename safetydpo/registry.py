@@ -1,11 +1,35 @@
-"""Name -> class registries, so a new loss, merge method or classifier is one registered class."""
+"""Name -> class registries, so a new loss, merge method, classifier or generator is one registered class.
+
+Classes outside the generic packages (ToyWorld's, or a user's own package) register themselves when
+their module is imported. Such modules are announced as Python entry points in the group
+``safetydpo.plugins`` (see ``pyproject.toml``); a registry imports them the first time a name is
+looked up that it does not know, so generic code never imports a plugin by name and a YAML file can
+only ever build classes that some installed package registered.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+#: Entry-point group whose modules register plugin classes (ToyWorld's generator, classifier, features).
+PLUGIN_GROUP = "safetydpo.plugins"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module announced in the ``safetydpo.plugins`` entry-point group (once)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for point in entry_points(group=PLUGIN_GROUP):
+        importlib.import_module(point.value)
 
 
 class Registry(Generic[T]):
@@ -28,18 +52,61 @@ class Registry(Generic[T]):
         return decorator
 
     def names(self) -> list[str]:
+        """Every registered name, plugins included."""
+        load_plugins()
         return sorted(self._classes)
 
-    def get(self, name: str) -> type[T]:
-        try:
-            return self._classes[name]
-        except KeyError:
-            raise ValueError(f"unknown {self.kind} '{name}'; valid choices: {', '.join(self.names())}") from None
+    def classes(self) -> dict[str, type[T]]:
+        """Name -> class for every registered name, plugins included."""
+        load_plugins()
+        return dict(self._classes)
 
-    def build(self, spec: str | T, **kwargs: Any) -> T:
-        """Return ``spec`` itself if it is already an instance, else instantiate the class registered as ``spec``."""
+    def get(self, name: str) -> type[T]:
+        """The class registered as ``name``, or as the dotted path of a registered class.
+
+        Only registered classes resolve: a dotted path is looked up among them, never imported, so a
+        config file cannot make this process import or run arbitrary code.
+        """
+        if name not in self._classes:
+            load_plugins()
+        if name in self._classes:
+            return self._classes[name]
+        for cls in self._classes.values():
+            if name == f"{cls.__module__}.{cls.__qualname__}":
+                return cls
+        raise ValueError(f"unknown {self.kind} '{name}'; valid choices: {', '.join(self.names())}")
+
+    def build(self, spec: str | Mapping[str, Any] | T, **kwargs: Any) -> T:
+        """An instance from a name, ``{"name": ..., **args}``, ``{"class_path": ..., "init_args": {...}}`` or an instance.
+
+        ``class_path`` may be a registered name or a registered class's dotted path (as Lightning's
+        configs write it). An unknown name is a ``ValueError``, an unknown argument a ``TypeError``, each
+        naming the valid choices.
+        """
+        if isinstance(spec, Mapping):
+            spec = dict(spec)
+            if "class_path" in spec:
+                unknown = sorted(set(spec) - {"class_path", "init_args"})
+                if unknown:
+                    raise ValueError(f"{self.kind} spec: unknown key(s) {', '.join(unknown)}; valid keys: class_path, init_args")
+                name, args = str(spec["class_path"]), dict(spec.get("init_args") or {})
+            elif "name" in spec:
+                name, args = str(spec.pop("name")), spec
+            else:
+                raise ValueError(f"{self.kind} spec {spec} has neither 'name' nor 'class_path'")
+            return self._instantiate(name, {**args, **kwargs})
         if isinstance(spec, str):
-            return self.get(spec)(**kwargs)
+            return self._instantiate(spec, kwargs)
         if kwargs:
             raise ValueError(f"keyword arguments {sorted(kwargs)} only apply when the {self.kind} is given by name")
         return spec
+
+    def _instantiate(self, name: str, args: dict[str, Any]) -> T:
+        cls = self.get(name)
+        valid = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        unknown = sorted(set(args) - set(valid))
+        if unknown:  # a TypeError, as Python's own for a wrong keyword, but naming every valid argument
+            raise TypeError(
+                f"{self.kind} '{name}' got an unexpected keyword argument '{unknown[0]}'; valid arguments: {', '.join(valid) or 'none'}"
+            )
+        return cls(**args)

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict, save_lora
+from safetydpo.lora_files import save_lora
+from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
 from safetydpo.models.tiny import build_tiny_pipeline
 from safetydpo.models.tokenizer import build_clip_tokenizer
 

@@ -43,7 +43,7 @@ def fit_command(config: Path, *overrides: str) -> list[str]:
 def tiny_config(folder: Path, pipeline_dir: Path, data_dir: Path) -> dict[str, Any]:
     """configs/tiny.yaml with its runs/tiny outputs under ``folder / "run"`` and the given inputs."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text().replace("runs/tiny", str(folder / "run")))
-    config["model"]["init_args"]["pretrained_model_name_or_path"] = str(pipeline_dir)
+    config["model"]["init_args"]["base_model"] = str(pipeline_dir)
     config["data"]["init_args"]["data_dir"] = str(data_dir)
     return config
 

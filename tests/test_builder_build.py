@@ -41,7 +41,7 @@ def write_config(folder: Path, pipeline: Path, output: Path, **render: Any) -> P
     """A build of 24 pairs in 12 two-pair shards: 2 sampling steps at 32x32 on the tiny pipeline."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "taxonomy.yaml").write_text(yaml.safe_dump(TAXONOMY))
-    render_settings = {"pipeline": str(pipeline), "steps": 2, "height": 32, "width": 32, "batch_size": 2, "shard_size": 2, "device": "cpu"}
+    render_settings = {"base_model": str(pipeline), "steps": 2, "height": 32, "width": 32, "batch_size": 2, "shard_size": 2, "device": "cpu"}
     config = {
         "output": str(output),
         "taxonomy": str(folder / "taxonomy.yaml"),
@@ -88,12 +88,12 @@ def test_datamodule_trains_on_a_build_with_and_without_features(reference_build:
         assert len(dm.train_set) + len(dm.val_set) == EXPECTED_ROWS
         batch = next(iter(dm.train_dataloader()))
         if use_precomputed:
-            assert batch["latents_winner"].shape == batch["latents_loser"].shape == (4, 4, 16, 16)
+            assert batch.latents_winner.shape == batch.latents_loser.shape == (4, 4, 16, 16)
             # The stored condition is exactly what training computes from the unsafe prompt.
-            torch.testing.assert_close(batch["prompt_embeds"], encode_prompts(components, list(batch["prompt"])))
-            assert not torch.equal(batch["latents_winner"], batch["latents_loser"])
+            torch.testing.assert_close(batch.prompt_embeds, encode_prompts(components, batch.prompts))
+            assert not torch.equal(batch.latents_winner, batch.latents_loser)
         else:
-            assert batch["pixels_winner"].shape == batch["pixels_loser"].shape == (4, 3, 32, 32)
+            assert batch.pixels_winner.shape == batch.pixels_loser.shape == (4, 3, 32, 32)
     card = yaml.safe_load((reference_build / "README.md").read_text().split("---")[1])
     assert [c["data_files"][0]["path"] for c in card["configs"]] == ["metadata.parquet", "pairs.parquet"]
 
@@ -233,7 +233,7 @@ def test_import_of_the_released_layout_trains_and_renders(tmp_path: Path, tiny_p
     dm = CoProV2DataModule(str(out), resolution=32, batch_size=2, val_fraction=0.0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["pixels_winner"].shape == (2, 3, 32, 32)
+    assert batch.pixels_winner.shape == (2, 3, 32, 32)
 
     # Re-render the imported pairs with the model being aligned.
     config = yaml.safe_load(write_config(tmp_path / "render", tiny_pipeline_dir, tmp_path / "rendered").read_text())

@@ -52,7 +52,7 @@ def test_transformers_generator_retries_and_accounts_for_every_candidate(
                 "taxonomy": str(taxonomy),
                 "generator": {"name": "transformers", "model": str(tiny_lm_dir), "max_new_tokens": 16, "device": "cpu"},
                 "pairs": {"per_concept": 2, "attempts_per_pair": 3, "batch_size": 4},
-                "render": {"pipeline": str(tiny_pipeline_dir)},
+                "render": {"base_model": str(tiny_pipeline_dir)},
             }
         )
     )

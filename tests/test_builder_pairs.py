@@ -13,7 +13,7 @@ from safetydpo.data.builder import BuildError, Concept, PairValidator, PromptPai
 from safetydpo.data.builder.generators.instruction import parse_pair
 from safetydpo.data.builder.generators.template import TemplateGenerator
 from safetydpo.data.builder.pairs import collect_pairs, generate_pairs
-from safetydpo.data.builder.validation import mentions
+from safetydpo.data.coprov2 import names_concept
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TAXONOMY = REPO / "configs" / "taxonomy.yaml"
@@ -42,7 +42,7 @@ def test_template_generation_is_deterministic_and_valid(tmp_path: Path) -> None:
     for row in first:
         concept = by_name[row["concept"]]
         assert validator.rejection(PromptPair(row["unsafe_prompt"], row["safe_prompt"]), concept.name) is None
-        assert mentions(row["unsafe_prompt"], concept.name)
+        assert names_concept(row["unsafe_prompt"], concept.name)
         assert any(substitute in row["safe_prompt"] for substitute in concept.substitutes)
     assert len({row["id"] for row in first}) == len(first)
     # Generator proposals themselves depend only on (seed, concept, candidate number), not on batching.
@@ -77,10 +77,10 @@ def test_validator_rejects_bad_pairs(unsafe: str, safe: str, reason: str | None)
 
 
 def test_concept_matching_covers_spelling_variants() -> None:
-    assert mentions("a person with SELF HARM scars", "self-harm scars")
-    assert mentions("selfharm-scars on an arm", "self-harm scars")
-    assert not mentions("a person with scars from self defence", "self-harm scars")
-    assert not mentions("unbloodied hands", "blood")
+    assert names_concept("a person with SELF HARM scars", "self-harm scars")
+    assert names_concept("selfharm-scars on an arm", "self-harm scars")
+    assert not names_concept("a person with scars from self defence", "self-harm scars")
+    assert not names_concept("unbloodied hands", "blood")
 
 
 def test_collect_pairs_dedups_and_stops_at_the_candidate_budget() -> None:
@@ -129,7 +129,7 @@ def test_bad_taxonomy_is_a_one_line_error(tmp_path: Path, content: str, message:
 
 
 def write_config(tmp_path: Path, pipeline: Path, **changes: object) -> Path:
-    config: dict[str, object] = {"output": str(tmp_path / "out"), "taxonomy": str(SHIPPED_TAXONOMY), "render": {"pipeline": str(pipeline)}}
+    config: dict[str, object] = {"output": str(tmp_path / "out"), "taxonomy": str(SHIPPED_TAXONOMY), "render": {"base_model": str(pipeline)}}
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")
         section = config
@@ -146,17 +146,17 @@ def test_shipped_build_configs_are_valid(tmp_path: Path, tiny_pipeline_dir: Path
         config = yaml.safe_load((REPO / "configs" / name).read_text())
         assert config["taxonomy"] == "configs/taxonomy.yaml"
         config["taxonomy"] = str(SHIPPED_TAXONOMY)
-        config["render"]["pipeline"] = str(tiny_pipeline_dir)
+        config["render"]["base_model"] = str(tiny_pipeline_dir)
         path = tmp_path / name
         path.write_text(yaml.safe_dump(config))
-        assert load_build_config(path).render.pipeline == str(tiny_pipeline_dir)
+        assert load_build_config(path).render.base_model == str(tiny_pipeline_dir)
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"render__stpes": 2}, "unknown key 'render.stpes'; valid keys in render: pipeline, "),
-        ({"render__pipeline": "/no/such/model"}, "render.pipeline '/no/such/model' is not a diffusers pipeline folder"),
+        ({"render__stpes": 2}, "unknown key 'render.stpes'; valid keys in render: base_model, "),
+        ({"render__base_model": "/no/such/model"}, "render.base_model '/no/such/model' is not a diffusers pipeline folder"),
         ({"render__steps": "many"}, "'render.steps' must be int, got 'many'"),
         ({"pairs__per_concept": 0}, "'pairs.per_concept' must be at least 1"),
         ({"pairs_from": "pairs.parquet"}, "set exactly one of 'taxonomy'"),

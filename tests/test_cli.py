@@ -88,15 +88,15 @@ def test_project_help_lists_subcommands(tmp_path: Path) -> None:
     assert "tiny" in result.stdout and "fit" in result.stdout
 
 
-@pytest.mark.parametrize("category", ["hate", "harassment", "violence", "self_harm", "sexual", "shocking", "illegal_activity"])
-def test_shipped_expert_configs_parse(category: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from safetydpo.cli.main import SafetyDPOCLI
+@pytest.mark.parametrize("category", ["hate", "harassment", "violence", "self_harm", "sexual", "shocking", "illegal_activity", "all"])
+def test_shipped_expert_configs_parse_with_the_data_filter_linked(category: str) -> None:
+    from safetydpo.lightning_cli import parse_fit_config
 
     configs = ["--config", str(REPO / "configs" / "expert.yaml"), "--config", str(REPO / "configs" / "experts" / f"{category}.yaml")]
-    with pytest.raises(SystemExit) as exit_info:
-        SafetyDPOCLI(args=["fit", *configs, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["category"] == category
-    assert printed["data"]["init_args"]["categories"] == [category]
-    assert printed["trainer"]["default_root_dir"] == f"runs/experts/{category}"
+    _, config = parse_fit_config(configs)
+    assert config.model.init_args.category == category
+    assert config.data.init_args.categories == (None if category == "all" else [category])
+    assert config.data.init_args.anchors is False, "anchor_weight 0 serves no anchors"
+    assert config.trainer.default_root_dir == f"runs/experts/{category}"
+    _, anchored = parse_fit_config([*configs, "--model.init_args.anchor_weight", "2.0"])
+    assert anchored.data.init_args.anchors is True

@@ -16,7 +16,8 @@ from fixtures_eval import save_random_lora, save_tiny_open_clip, write_images
 from PIL import Image
 from safetensors.torch import save_file
 
-from safetydpo.evaluation.config import load_config
+from safetydpo.cli.evaluate import evaluate_parser
+from safetydpo.evaluation.config import config_from_dict, load_config
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.runner import evaluate
 
@@ -43,8 +44,8 @@ def eval_config(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Pat
     return {
         "output_dir": str(root / "out"),
         "models": [
-            {"name": "base", "pretrained": str(tiny_pipeline_dir)},
-            {"name": "aligned", "pretrained": str(tiny_pipeline_dir), "lora": str(save_random_lora(root / "lora.safetensors"))},
+            {"name": "base", "base_model": str(tiny_pipeline_dir)},
+            {"name": "aligned", "base_model": str(tiny_pipeline_dir), "lora": str(save_random_lora(root / "lora.safetensors"))},
         ],
         "prompt_sets": [
             {
@@ -138,7 +139,7 @@ def test_cli_reports_a_wrong_key_in_one_line(eval_config: dict, tmp_path: Path) 
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("safetydpo evaluate: error:")
-    assert "Key 'num_inference_step' not in 'GenerationConfig'" in result.stderr
+    assert f"{config}: unknown key 'generation.num_inference_step'; valid keys in generation: num_inference_steps," in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -146,26 +147,42 @@ def test_cli_reports_a_wrong_key_in_one_line(eval_config: dict, tmp_path: Path) 
     [
         ({"models": []}, "models is empty"),
         ({"baseline": "sd14"}, "baseline 'sd14' is not one of the models"),
-        ({"models": [{"name": "a b", "pretrained": "x"}]}, "name 'a b' must be letters"),
+        ({"models": [{"name": "a b", "base_model": "x"}]}, "name 'a b' must be letters"),
         ({"prompt_sets": [{"name": "c", "source": "coco", "path": "x", "metrics": ["fid"]}]}, "metric fid needs fid_reference"),
         ({"prompt_sets": [{"name": "c", "source": "coco", "path": "x", "metrics": ["ipp"]}]}, "unknown metric \\['ipp'\\]"),
+        ({"generation": {"batch_size": "eight"}}, "'generation.batch_size' must be int, got 'eight'"),
+        ({"generation": None}, "'generation' must be a mapping of keys, got None"),
+        ({"fid": {"clip": {"pretrained": 3}}}, "'fid.clip.pretrained' must be str \\| null, got 3"),
         (
-            {"generation": {"batch_size": "eight"}},
-            "Value 'eight' of type 'str' could not be converted to Integer \\(at generation.batch_size\\)",
+            {"models": [{"name": "a", "base_model": "x"}, {"name": "b", "base_model": "x", "lorra": "y"}]},
+            "unknown key 'models.1.lorra'; valid keys in models.1: name, base_model, lora",
         ),
+        ({"models": [{"name": "a"}]}, "missing key\\(s\\) models.0.base_model"),
+        ({"imports": ["no_such_plugin"]}, "unknown key 'imports'; valid keys: models, prompt_sets, output_dir"),
     ],
 )
 def test_config_errors(eval_config: dict, tmp_path: Path, change: dict, message: str) -> None:
-    with pytest.raises(EvaluationError, match=message):
-        load_config(write_config(tmp_path / "eval.yaml", {**eval_config, **change}))
+    config = write_config(tmp_path / "eval.yaml", {**eval_config, **change})
+    with pytest.raises(EvaluationError, match=message) as raised:
+        load_config(config)
+    assert str(raised.value).startswith(str(config)) and "\n" not in str(raised.value), "one line that names the file"
+
+
+def test_class_arguments_reach_the_class_as_written(eval_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arguments for a registered class are not re-parsed, and a `class_path` in them is never imported."""
+    (tmp_path / "planted.py").write_text("raise SystemExit('imported by the config')\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    options = {"split": "123", "spec": {"class_path": "planted.Thing", "init_args": {}}}
+    prompt_set = {**eval_config["prompt_sets"][0], "source": "coprov2", "options": options}
+    config = load_config(write_config(tmp_path / "eval.yaml", {**eval_config, "prompt_sets": [prompt_set]}))
+    assert config.prompt_sets[0].options == options
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"models": [{"name": "base", "pretrained": "nowhere"}]}, "model 'base': nowhere is not a diffusers pipeline folder"),
+        ({"models": [{"name": "base", "base_model": "nowhere"}]}, "model 'base': nowhere is not a diffusers pipeline folder"),
         ({"generation": {"dtype": "float8"}}, "generation.dtype 'float8' is not one of: auto, float32, float16, bfloat16"),
-        ({"imports": ["no_such_plugin"]}, "imports: cannot import 'no_such_plugin'"),
     ],
 )
 def test_bad_inputs_fail_before_rendering(eval_config: dict, tmp_path: Path, change: dict, message: str) -> None:
@@ -182,6 +199,28 @@ def test_overrides_reach_list_items(eval_config: dict, tmp_path: Path) -> None:
     assert config.models[1].lora == "other.safetensors" and config.prompt_sets[0].limit == 1
     with pytest.raises(EvaluationError, match="override 'limit' is not key=value"):
         load_config(tmp_path / "eval.yaml", ["limit"])
+    with pytest.raises(EvaluationError, match="override 'models.2.lora=x': models is a list of 2; '2' is not one of its indices"):
+        load_config(tmp_path / "eval.yaml", ["models.2.lora=x"])
+
+
+def test_command_line_options_and_overrides_set_keys(eval_config: dict, tmp_path: Path) -> None:
+    """`--key value` options (jsonargparse-typed) and `key=value` overrides both reach the config."""
+    given = evaluate_parser().parse_args(
+        ["--config", "x.yaml", "--output_dir", "elsewhere", "--generation.seed", "7", "models.1.lora=y"], defaults=False
+    )
+    expected = {"config": "x.yaml", "output_dir": "elsewhere", "generation.seed": 7, "overrides": ["models.1.lora=y"]}
+    assert dict(given.items()) == expected
+    path = write_config(tmp_path / "eval.yaml", eval_config)
+    config = load_config(path, ["models.1.lora=y"], {"output_dir": "elsewhere", "generation.seed": 7})
+    assert (config.output_dir, config.generation.seed, config.models[1].lora) == ("elsewhere", 7, "y")
+    assert config.generation.num_inference_steps == eval_config["generation"]["num_inference_steps"], "the file supplies the rest"
+
+
+def test_config_from_dict_checks_an_in_memory_config(eval_config: dict) -> None:
+    config = config_from_dict({**eval_config, "baseline": "aligned"}, "pipeline.yaml (evaluate)")
+    assert config.baseline_name == "aligned" and config.fid.clip.model == eval_config["fid"]["clip"]["model"]
+    with pytest.raises(EvaluationError, match="^pipeline.yaml \\(evaluate\\): baseline 'sd14' is not one of the models"):
+        config_from_dict({**eval_config, "baseline": "sd14"}, "pipeline.yaml (evaluate)")
 
 
 def test_shipped_eval_config_parses() -> None:

@@ -85,7 +85,7 @@ def in_memory_expert(**kwargs) -> DPOExpertModule:
 
 def test_from_components_is_the_module_loaded_from_disk(tiny_pipeline_dir: Path, synthetic_data_dir: Path) -> None:
     in_memory = in_memory_expert(frozen_dtype="bfloat16")
-    assert in_memory.hparams.pretrained_model_name_or_path == "in-memory"
+    assert in_memory.hparams.base_model == "in-memory"
     assert not any(isinstance(value, torch.nn.Module) for value in in_memory.hparams.values()), "no weights in hparams"
     dtypes = {name: param.dtype for name, param in in_memory.named_parameters()}
     assert {dtypes[name] for name in dtypes if "lora_" in name} == {torch.float32}

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from safetydpo.models import DPOExpertModule, LoraSettings
-from safetydpo.models.lora import save_lora
+from safetydpo.lora_files import save_lora
 
 
 def randomised_expert(pipeline_dir: Path) -> DPOExpertModule:

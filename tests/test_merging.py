@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ from diffusers import StableDiffusionPipeline
 
 from safetydpo.merging import MERGES
 from safetydpo.merging.activations import _LayerProbe, collect_activations
-from safetydpo.merging.experts import ExpertMismatchError, LoraExpert, LoraFactors, check_compatible, load_expert
-from safetydpo.merging.pipeline import merge_expert_files
+from safetydpo.lora_files import LoraExpert, LoraFactors, LoraFileError, card_path, load_lora, save_lora
+from safetydpo.merging.experts import ExpertMismatchError, check_compatible
+from safetydpo.merging.files import merge_expert_files
 from safetydpo.models import DPOExpertModule, LoraSettings
-from safetydpo.models.lora import save_lora
 
 BIN = Path(sys.executable).parent
 
@@ -57,7 +58,7 @@ def test_layer_probe_matches_hand_computed_activity() -> None:
 
 
 def test_comerge_of_one_expert_keeps_its_update(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    expert = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
+    expert = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
     comerge = MERGES.build("comerge")
     prepared = comerge.prepare([expert])
     unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet
@@ -69,8 +70,8 @@ def test_comerge_of_one_expert_keeps_its_update(tiny_pipeline_dir: Path, tmp_pat
 
 def test_comerge_keeps_the_most_active_principal_directions(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
     # Each expert has two strong and two near-zero raw directions, so two strong principal directions.
-    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, scale_rows=[20, 0.001, 20, 0.001]))
-    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, scale_rows=[0.001, 20, 0.001, 20]))
+    a = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, scale_rows=[20, 0.001, 20, 0.001]))
+    b = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, scale_rows=[0.001, 20, 0.001, 20]))
     comerge = MERGES.build("comerge")
     prepared = comerge.prepare([a, b])
     unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet
@@ -95,8 +96,8 @@ def test_comerge_keeps_the_most_active_principal_directions(tiny_pipeline_dir: P
 
 
 def test_comerge_rank_sets_the_merged_size(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
-    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2))
+    a = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
+    b = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2))
     unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet
     for rank in (2, 8):
         comerge = MERGES.build("comerge", rank=rank)
@@ -111,8 +112,8 @@ def test_comerge_rank_sets_the_merged_size(tiny_pipeline_dir: Path, tmp_path: Pa
 
 
 def test_baselines_on_two_experts(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
-    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2))
+    a = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
+    b = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2))
     name = next(iter(a.layers))
     total = a.layers[name].delta() + b.layers[name].delta()
     cat = MERGES.build("cat").merge([a, b], None).layers[name]
@@ -129,19 +130,47 @@ def test_baselines_on_two_experts(tiny_pipeline_dir: Path, tmp_path: Path) -> No
 
 
 def test_mismatched_experts_are_named(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    a = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, rank=4))
-    b = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, rank=2))
+    a = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, rank=4))
+    b = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, rank=2))
     with pytest.raises(ExpertMismatchError, match=r"b.safetensors layer .* has LoRA shapes .*Co-Merge needs equal ranks"):
         check_compatible([a, b])
-    c = load_expert(write_expert(tiny_pipeline_dir, tmp_path / "c.safetensors", seed=3, rank=4))
+    c = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "c.safetensors", seed=3, rank=4))
     c.card["base_model"] = "other/model"
     with pytest.raises(ExpertMismatchError, match=r"c.safetensors was trained on base model other/model"):
         check_compatible([a, c])
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(ExpertMismatchError, match="junk.safetensors is not a readable safetensors LoRA file"):
-        load_expert(tmp_path / "junk.safetensors")
-    with pytest.raises(FileNotFoundError, match="expert LoRA file .*missing.safetensors not found"):
-        load_expert(tmp_path / "missing.safetensors")
+    with pytest.raises(LoraFileError, match="junk.safetensors is not a readable safetensors LoRA file"):
+        load_lora(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="LoRA file .*missing.safetensors not found"):
+        load_lora(tmp_path / "missing.safetensors")
+
+
+def test_cards_from_a_newer_format_or_broken_are_named(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    path = write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1)
+    card_path(path).write_text(json.dumps({"format": "safetydpo.expert/9"}))
+    with pytest.raises(LoraFileError, match=r"a.json has format 'safetydpo.expert/9'.*upgrade safetydpo"):
+        load_lora(path)
+    card_path(path).write_text("{not json")
+    with pytest.raises(LoraFileError, match=r"a.json is not readable JSON"):
+        load_lora(path)
+    card_path(path).unlink()
+    assert load_lora(path).card == {}, "a LoRA written by another tool has no card"
+
+
+def test_a_training_unet_with_its_adapter_disabled_scores_like_the_base(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    """CoMergeCallback scores the running module's UNet (adapter off); it must equal a fresh base UNet."""
+    a = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1))
+    b = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2))
+    base = collect_activations(StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet, [a, b], unet_inputs())
+    training = DPOExpertModule(str(tiny_pipeline_dir), lora=LoraSettings(rank=4))
+    for name, param in training.unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()  # an adapter that would change every layer input if it were on
+    training.unet.disable_adapters()
+    adapted = collect_activations(training.unet, [a, b], unet_inputs())
+    assert base.scores.keys() == adapted.scores.keys()
+    for name in base.scores:
+        torch.testing.assert_close(adapted.scores[name], base.scores[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -158,7 +187,7 @@ def test_merge_command_writes_a_loadable_lora(tiny_pipeline_dir: Path, synthetic
     assert card["activation_inputs"] == 2 * 2 * 4
     assert sum(card["contribution_share"].values()) == pytest.approx(1.0)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
-    merged = load_expert(out)
+    merged = load_lora(out)
     pipe.load_lora_weights(str(out))
     name = next(iter(merged.layers))
     lora_layer = pipe.unet.get_submodule(name)
@@ -167,9 +196,27 @@ def test_merge_command_writes_a_loadable_lora(tiny_pipeline_dir: Path, synthetic
     assert torch.allclose(lora_layer.lora_B[adapter].weight * lora_layer.scaling[adapter], merged.layers[name].up)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "cat"], r"junk.safetensors is not a readable safetensors LoRA file"),
+        (["--method", "nope"], r"unknown merge method 'nope'; valid choices: cat, comerge"),
+        (["--method", "comerge"], r"comerge needs the base model .* and --data DATASET_DIR"),
+        (["--method", "cat", "--bogus", "1"], r"unrecognized arguments: --bogus 1"),
+    ],
+)
+def test_merge_command_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    command = [str(BIN / "safetydpo"), "merge", "--experts", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "m.safetensors"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_merge_pipeline_needs_data_for_comerge(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
     a = write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1)
-    with pytest.raises(ValueError, match="comerge needs the base model and a dataset"):
+    with pytest.raises(ValueError, match=r"comerge needs activation statistics: give the base UNet and inputs"):
         merge_expert_files([a], tmp_path / "m.safetensors")
     card = merge_expert_files([a], tmp_path / "m.safetensors", method="cat")
     assert card["method"] == "cat" and (tmp_path / "m.safetensors").is_file()
@@ -187,7 +234,8 @@ def test_comerge_callback_merges_after_the_last_expert(tiny_pipeline_dir: Path, 
     merged, never = tmp_path / "merged.safetensors", tmp_path / "never.safetensors"
     callbacks = [
         LoraExport(str(violence)),
-        CoMergeCallback([str(sexual), str(violence)], output_path=str(merged), num_batches=1, batch_size=2),
+        CoMergeCallback([str(sexual), str(violence)], output_path=str(merged), num_batches=1, batch_size=2,
+                        method={"class_path": "safetydpo.merging.comerge.CoMerge", "init_args": {"rank": 2}}),
         CoMergeCallback([str(sexual), str(tmp_path / "absent.safetensors")], output_path=str(never)),
     ]
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=callbacks, logger=False, enable_progress_bar=False,
@@ -197,4 +245,5 @@ def test_comerge_callback_merges_after_the_last_expert(tiny_pipeline_dir: Path, 
     card = json.loads(merged.with_suffix(".json").read_text())
     assert [e["category"] for e in card["experts"]] == ["sexual", "violence"]
     assert card["activation_inputs"] == 4, "one batch of 2 pairs, winner and loser each"
+    assert card["method_args"]["rank"] == 2 and {f.rank for f in load_lora(merged).layers.values()} == {2}
     assert not never.exists(), "no merge while an expert file is missing"

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from safetydpo.io import check_writable
 from safetydpo.models.expert import DPOExpertModule
-from safetydpo.models.lora import save_lora
+from safetydpo.lora_files import EXPERT_FORMAT, save_lora
 
 
 class LoraExport(Callback):
@@ -57,8 +57,8 @@ class LoraExport(Callback):
     def model_card(trainer: Trainer, module: DPOExpertModule) -> dict[str, Any]:
         datamodule = trainer.datamodule
         return {
-            "format": "safetydpo.expert/1",
-            "base_model": module.hparams.pretrained_model_name_or_path,
+            "format": EXPERT_FORMAT,
+            "base_model": module.hparams.base_model,
             "category": module.hparams.category,
             "concepts": list(getattr(datamodule, "train_concepts", [])),
             "dataset": str(getattr(datamodule, "data_dir", "")),

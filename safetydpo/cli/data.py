@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetydpo.data.builder import BuildError, build, import_table, inspect_dataset, load_build_config
 from safetydpo.data.builder.importer import LAYOUTS
-from safetydpo.data.table import DatasetError
+from safetydpo.data.coprov2 import DatasetError
 
 
 def _build(args: argparse.Namespace) -> None:

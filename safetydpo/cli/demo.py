@@ -1,42 +1,46 @@
-"""``safetydpo demo``: the whole method on the embedded ToyWorld, with a before/after report."""
+"""``safetydpo demo``: ``safetydpo run --config configs/pipelines/toyworld.yaml``, then its before/after table.
+
+Any pipeline key can be changed as on ``safetydpo run``: ``--output runs/demo2``,
+``--experts.overrides '{trainer: {max_steps: 60}}'``, ``--data.overrides '{pairs: {per_concept: 12}}'``.
+"""
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import fields
+import json
+from pathlib import Path
+from typing import Any
 
-from safetydpo.toyworld.demo import DemoSettings, run_demo
+from safetydpo.cli.run import execute, fail, pipeline_parser
+from safetydpo.pipeline.stages import PipelineError
 
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per DemoSettings field, so every demo size can be set from a command line."""
-    defaults = DemoSettings()
-    for field in fields(DemoSettings):
-        value = getattr(defaults, field.name)
-        flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(value, list):
-            parser.add_argument(flag, dest=field.name, nargs="+", default=value)
-        else:
-            parser.add_argument(flag, dest=field.name, type=type(value), default=value)
+#: The ToyWorld pipeline, relative to the repository root (where the README runs the demo).
+TOYWORLD_PIPELINE = Path("configs/pipelines/toyworld.yaml")
 
 
-def settings_from(args: argparse.Namespace) -> DemoSettings:
-    return DemoSettings(**{field.name: getattr(args, field.name) for field in fields(DemoSettings)})
+def table(rows: list[dict[str, Any]]) -> str:
+    """The report rows as the fixed-width table the demo prints."""
+    lines = [f"{'category':<16}{'IP base':>9}{'IP aligned':>12}{'drop':>8}{'neutral fid. base/aligned':>28}{'safe fid. base/aligned':>25}"]
+    for r in rows:
+        lines.append(
+            f"{r['category']:<16}{r['ip_base']:>9.3f}{r['ip_aligned']:>12.3f}{r['ip_relative_drop']:>8.1%}"
+            f"{r['neutral_fidelity_base']:>16.3f} / {r['neutral_fidelity_aligned']:.3f}"
+            f"{r['safe_fidelity_base']:>15.3f} / {r['safe_fidelity_aligned']:.3f}"
+        )
+    return "\n".join(lines)
 
 
 def run(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="safetydpo demo",
-        description="Build ToyWorld CoProV2 pairs, train one DPO expert per category, Co-Merge them, and "
-        "measure IP and prompt fidelity before/after (report in OUTPUT/demo_report.md).",
+    prog = "safetydpo demo"
+    if not TOYWORLD_PIPELINE.is_file():
+        fail(prog, PipelineError(f"{TOYWORLD_PIPELINE} not found: run the demo from the repository root"))
+    parser = pipeline_parser(
+        prog,
+        f"The ToyWorld pipeline ({TOYWORLD_PIPELINE}): build pairs, train one DPO expert per category, Co-Merge them, "
+        "and measure IP and prompt fidelity before/after (report in OUTPUT/report.md). Takes every `safetydpo run` option.",
     )
-    add_settings_arguments(parser)
-    args = parser.parse_args(argv)
-    rows = run_demo(settings_from(args))
-    print(f"\n{'category':<16}{'IP base':>9}{'IP aligned':>12}{'drop':>8}{'neutral fid. base/aligned':>28}{'safe fid. base/aligned':>25}")
-    for r in rows:
-        print(
-            f"{r['category']:<16}{r['ip_base']:>9.3f}{r['ip_aligned']:>12.3f}{r['ip_relative_drop']:>8.1%}"
-            f"{r['unsafe_fidelity_base']:>16.3f} / {r['unsafe_fidelity_aligned']:.3f}{r['safe_fidelity_base']:>15.3f} / {r['safe_fidelity_aligned']:.3f}"
-        )
-    print(f"\nreport: {args.output}/demo_report.md")
+    config, options = execute(prog, parser, ["--config", str(TOYWORLD_PIPELINE), *argv])
+    if options["dry_run"]:
+        return
+    rows = json.loads((Path(config.output) / "report.json").read_text(encoding="utf-8"))["rows"]
+    print("\n" + table(rows))
+    print(f"\nreport: {config.output}/report.md")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from safetydpo.lightning_cli import SafetyDPOCLI
 
 #: The project's own subcommands (module in safetydpo.cli with a ``run(argv)``, summary); everything
 #: else goes to LightningCLI (fit/validate/test/predict). Modules load on use, keeping start-up light.
 PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "the whole method on the embedded ToyWorld: data, experts, Co-Merge, before/after report"),
+    "run": ("run", "a whole pipeline from one config: data, experts, merge, evaluate, report (resumable)"),
+    "demo": ("demo", "the ToyWorld pipeline (configs/pipelines/toyworld.yaml) with its before/after table"),
     "tiny": ("quickstart", "write a tiny SD pipeline and synthetic pairs for a CPU run"),
     "toyworld": ("toyworld", "pretrain / check the embedded ToyWorld model and judge"),
     "merge": ("merge", "merge expert LoRA files (comerge, linear, cat, svd, ties, dare)"),
@@ -20,24 +20,35 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class SafetyDPOCLI(LightningCLI):
-    """LightningCLI where ``model`` and ``data`` take any class_path (subclass mode), OmegaConf interpolation on."""
-
-    def __init__(self, args: list[str] | None = None) -> None:
-        super().__init__(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"},
-            args=args,
-        )
-
-
 def lightning_main(argv: list[str] | None = None) -> None:
     """``lightning fit --config expert.yaml``: the command users know from Lightning's CLI docs."""
     SafetyDPOCLI(args=argv)
+
+
+def registered_names() -> dict[str, list[str]]:
+    """Every registry's names (plugins included), generated so that no list of names is kept by hand."""
+    from safetydpo.data.builder.generators import GENERATORS
+    from safetydpo.evaluation.classifiers import CLASSIFIERS
+    from safetydpo.evaluation.fid import FEATURE_EXTRACTORS
+    from safetydpo.evaluation.prompts import PROMPT_SOURCES
+    from safetydpo.losses import LOSSES
+    from safetydpo.merging import MERGES
+    from safetydpo.pipeline.extensions import ASSETS, REPORT_SECTIONS
+
+    registries = {
+        "losses": LOSSES, "merges": MERGES, "classifiers": CLASSIFIERS, "prompt sources": PROMPT_SOURCES,
+        "pair generators": GENERATORS, "FID feature extractors": FEATURE_EXTRACTORS,
+        "evaluation assets": ASSETS, "report sections": REPORT_SECTIONS,
+    }
+    return {kind: registry.names() for kind, registry in registries.items()}
+
+
+def help_text() -> str:
+    """``safetydpo --help``: the commands, then every registered name a config can use."""
+    lines = ["SafetyDPO commands:", *(f"  {name:<10} {summary}" for name, (_, summary) in PROJECT_COMMANDS.items())]
+    lines += ["  fit, validate, test, predict: LightningCLI (see below)", "", "Registered names (usable in configs):"]
+    lines += [f"  {kind}: {', '.join(names)}" for kind, names in registered_names().items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,8 +58,5 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(f"safetydpo.cli.{PROJECT_COMMANDS[words[0]][0]}").run(words[1:])
         return
     if not words or words[0] in ("-h", "--help"):
-        print("SafetyDPO commands:")
-        for name, (_, summary) in PROJECT_COMMANDS.items():
-            print(f"  {name:<10} {summary}")
-        print("  fit, validate, test, predict: LightningCLI (see below)\n")
+        print(help_text())
     lightning_main(argv)

@@ -1,43 +1,77 @@
-"""``safetydpo merge``: merge expert LoRA files with Co-Merge or a baseline method."""
+"""``safetydpo merge``: merge expert LoRA files with Co-Merge or a baseline method (see docs/merging.md)."""
 
 from __future__ import annotations
 
-import argparse
-import json
+from typing import Any
 
-from safetydpo.merging import MERGES
-from safetydpo.merging.pipeline import merge_expert_files
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+PROG = "safetydpo merge"
+
+
+def merge_parser() -> ArgumentParser:
+    """Every option also reads from ``--config merge.yaml`` (keys with underscores)."""
+    parser = ArgumentParser(prog=PROG, description="Merge safety-expert LoRA files into one LoRA.", exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
+    parser.add_argument("--experts", nargs="+", type=str, required=True, help="expert .safetensors files (LoraExport output)")
+    parser.add_argument("--out", type=str, required=True, help="merged LoRA path (.safetensors); a .json model card is written beside it")
+    parser.add_argument(
+        "--method", type=str | dict[str, Any], default="comerge",
+        help="registered merge name, or a spec such as '{name: comerge, rank: 4}' (names: safetydpo --help)",
+    )
+    parser.add_argument("--args", type=dict[str, Any], default={}, help="arguments of a named method, e.g. '{density: 0.3}'")
+    parser.add_argument("--base_model", "--base-model", type=str | None, default=None,
+                        help="base model, a diffusers folder or hub id (default: the experts' model cards)")
+    parser.add_argument("--data", type=str | None, default=None, help="CoProV2 dataset folder for activation statistics (comerge)")
+    parser.add_argument("--num_batches", "--num-batches", type=int, default=8, help="batches of pairs for activation statistics")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=4, help="pairs per activation batch")
+    parser.add_argument("--resolution", type=int, default=512, help="image size fed to the VAE")
+    parser.add_argument("--seed", type=int, default=0, help="shuffling and noise seed of the activation batches")
+    parser.add_argument("--device", type=str | None, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    return parser
+
+
+def method_spec(method: str | dict[str, Any], args: dict[str, Any]) -> str | dict[str, Any]:
+    """``--method NAME --args {...}`` as one registry spec."""
+    if not args:
+        return method
+    if not isinstance(method, str):
+        raise ValueError("--args goes with a method name; put the arguments in the --method spec instead")
+    return {"name": method, **args}
+
+
+def merge(options: dict[str, Any]) -> dict[str, Any]:
+    """Build the merge, and for activation-based methods the base UNet and its inputs, then merge."""
+    from safetydpo.lora_files import read_card
+    from safetydpo.merging import MERGES
+    from safetydpo.merging.files import merge_expert_files
+    from safetydpo.devices import resolve_device
+    from safetydpo.models.inputs import base_model_inputs
+
+    spec = method_spec(options["method"], options["args"])
+    method = MERGES.build(spec)
+    base_model = options["base_model"] or read_card(options["experts"][0]).get("base_model")
+    unet = inputs = None
+    if method.needs_activations:
+        if not base_model or not options["data"]:
+            raise ValueError(f"{method.registry_name} needs the base model (--base-model or the experts' cards) and --data DATASET_DIR")
+        device = resolve_device(options["device"], "--device")
+        unet, inputs = base_model_inputs(
+            base_model, options["data"], options["num_batches"], options["batch_size"], options["resolution"], options["seed"], device
+        )
+    return merge_expert_files(options["experts"], options["out"], method=method, unet=unet, inputs=inputs, base_model=base_model)
 
 
 def run(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="safetydpo merge", description="Merge safety-expert LoRA files into one LoRA.")
-    parser.add_argument("--experts", nargs="+", required=True, help="expert .safetensors files (LoraExport output)")
-    parser.add_argument("--out", required=True, help="merged LoRA path (.safetensors); a .json model card is written beside it")
-    parser.add_argument("--method", default="comerge", choices=MERGES.names())
-    parser.add_argument("--args", default="{}", help='method arguments as JSON, e.g. \'{"density": 0.3}\'')
-    parser.add_argument("--pretrained", help="base pipeline (default: the experts' model cards)")
-    parser.add_argument("--data", help="CoProV2 dataset folder for activation statistics (comerge)")
-    parser.add_argument("--num-batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    args = parser.parse_args(argv)
+    from safetydpo.cli.run import fail
+
+    parser = merge_parser()
     try:
-        method_args = json.loads(args.args)
-    except json.JSONDecodeError as err:
-        parser.error(f"--args is not valid JSON: {err}")
-    card = merge_expert_files(
-        args.experts,
-        args.out,
-        method=MERGES.build(args.method, **method_args),
-        pretrained_model_name_or_path=args.pretrained,
-        data_dir=args.data,
-        num_batches=args.num_batches,
-        batch_size=args.batch_size,
-        resolution=args.resolution,
-        seed=args.seed,
-        device=args.device,
-    )
+        options = parser.parse_args(argv).as_dict()
+        options.pop("config", None)
+        card = merge(options)
+    except Exception as err:  # jsonargparse's errors, unreadable files, mismatched experts, bad data: one line
+        fail(PROG, err)
+        return
     shares = card.get("contribution_share")
-    print(f"wrote {args.out} ({card['method']})" + (f"; weight share per expert: {shares}" if shares else ""))
+    print(f"wrote {options['out']} ({card['method']})" + (f"; weight share per expert: {shares}" if shares else ""))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from safetydpo.evaluation.classifiers.toyworld import ToyWorldJudge
+from safetydpo.toyworld.classifier import ToyWorldClassifier
 from safetydpo.toyworld.judge import DEFAULT_JUDGE, judge_accuracy, save_judge, train_judge
 from safetydpo.toyworld.pretrain import DEFAULT_PIPELINE, PretrainSettings, pretrain
 from safetydpo.toyworld.sampling import heldout_fidelity
@@ -23,7 +23,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     pipe = pretrain(args.out, settings)
     minutes = (time.perf_counter() - started) / 60
     print(f"wrote {args.out} in {minutes:.1f} min ({torch.get_num_threads()} threads)")
-    scores = heldout_fidelity(pipe, ToyWorldJudge(args.judge), count=args.check_samples)
+    scores = heldout_fidelity(pipe, ToyWorldClassifier(args.judge), count=args.check_samples)
     print("held-out prompt fidelity:", json.dumps({k: round(v, 4) for k, v in scores.items()}))
 
 
@@ -35,9 +35,9 @@ def _train_judge(args: argparse.Namespace) -> None:
 
 
 def _fidelity(args: argparse.Namespace) -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(args.base_model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    scores = heldout_fidelity(pipe, ToyWorldJudge(args.judge), count=args.samples, seed=args.seed)
+    scores = heldout_fidelity(pipe, ToyWorldClassifier(args.judge), count=args.samples, seed=args.seed)
     print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
 
 
@@ -61,7 +61,7 @@ def run(argv: list[str]) -> None:
     judge.set_defaults(handler=_train_judge)
 
     fid = commands.add_parser("fidelity", help="share of held-out prompts whose attributes the judge finds in the samples")
-    fid.add_argument("--pipeline", default=str(DEFAULT_PIPELINE))
+    fid.add_argument("--base-model", default=str(DEFAULT_PIPELINE))
     fid.add_argument("--judge", default=None)
     fid.add_argument("--samples", type=int, default=256)
     fid.add_argument("--seed", type=int, default=0)

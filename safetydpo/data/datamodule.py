@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import random
-import re
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from safetydpo.data.batch import PairBatch, collate_pairs
+from safetydpo.data.coprov2 import FEATURES_COLUMN, METADATA_COLUMNS, DatasetError, find_metadata, names_concept, read_table
 from safetydpo.data.dataset import PreferencePairDataset
 from safetydpo.data.sampler import ResumableDistributedSampler
-from safetydpo.data.table import FEATURES_COLUMN, DatasetError, find_metadata, read_rows
 from safetydpo.data.taxonomy import normalize_category
 
 
@@ -27,9 +29,9 @@ def split_concepts(concepts: list[str], val_fraction: float, seed: int) -> tuple
 
 
 def anchor_pool(rows: list[dict[str, Any]], concepts: list[str]) -> list[int]:
-    """Rows whose safe prompt names none of ``concepts`` (whole words, any case): safe content to keep."""
-    named = re.compile(r"\b(?:" + "|".join(re.escape(c) for c in sorted(set(concepts))) + r")\b", re.IGNORECASE)
-    return [i for i, row in enumerate(rows) if not named.search(row["safe_prompt"])]
+    """Rows whose safe prompt names none of ``concepts`` (``names_concept``, the builder's rule): safe content to keep."""
+    unique = sorted(set(concepts))
+    return [i for i, row in enumerate(rows) if not any(names_concept(row["safe_prompt"], concept) for concept in unique)]
 
 
 class CoProV2DataModule(LightningDataModule):
@@ -81,7 +83,7 @@ class CoProV2DataModule(LightningDataModule):
         if self.train_set is not None:
             return
         path = find_metadata(self.data_dir, self.hparams.metadata)
-        rows = read_rows(path)
+        rows = read_table(path, METADATA_COLUMNS)
         for row in rows:
             row["category"] = normalize_category(row["category"])
         available = sorted({row["category"] for row in rows})
@@ -152,7 +154,12 @@ class CoProV2DataModule(LightningDataModule):
     def _loader(self, dataset: PreferencePairDataset, **kwargs: Any) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, num_workers=workers, persistent_workers=workers > 0, **kwargs
+            dataset,
+            batch_size=self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_pairs,
+            **kwargs,
         )
 
     # Exact mid-epoch resume: count the batches the model actually consumed (prefetched ones excluded).
@@ -170,3 +177,21 @@ class CoProV2DataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume_point = dict(state_dict)
         self._epoch, self._consumed_batches = state_dict["epoch"], state_dict["consumed_batches"]
+
+
+def pair_batches(
+    data_dir: str | Path,
+    num_batches: int,
+    batch_size: int,
+    resolution: int,
+    seed: int,
+    metadata: str | None = None,
+    use_precomputed: bool | None = None,
+) -> Iterator[PairBatch]:
+    """The first ``num_batches`` shuffled batches of pairs from every category (Co-Merge's activation inputs)."""
+    datamodule = CoProV2DataModule(
+        str(data_dir), categories=None, metadata=metadata, val_fraction=0.0, resolution=resolution,
+        batch_size=batch_size, seed=seed, use_precomputed=use_precomputed,
+    )
+    datamodule.setup("fit")
+    yield from islice(datamodule.train_dataloader(), num_batches)

@@ -16,11 +16,9 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from safetydpo.data.table import FEATURES_COLUMN, DatasetError
+from safetydpo.data.batch import PairSample
+from safetydpo.data.coprov2 import FEATURE_KEYS, FEATURES_COLUMN, DatasetError, feature_name
 from safetydpo.seeding import derive_seed
-
-#: Tensor names inside a features shard, each prefixed by the row id: ``"<id>.latent_safe"``.
-FEATURE_KEYS: tuple[str, ...] = ("latent_safe", "latent_unsafe", "prompt_embeds")
 
 
 def row_id(row: dict[str, Any], position: int) -> str:
@@ -100,7 +98,7 @@ class PreferencePairDataset(Dataset):
         prefix = row_id(row, position)
         try:
             with safe_open(str(path), framework="pt") as shard:
-                return {key: shard.get_tensor(f"{prefix}.{key}") for key in FEATURE_KEYS}
+                return {key: shard.get_tensor(feature_name(prefix, key)) for key in FEATURE_KEYS}
         except Exception as err:  # safetensors raises its own error types for missing keys and bad headers
             raise DatasetError(f"{describe_row(row, position)}: cannot read features from {path}: {err}") from err
 
@@ -109,25 +107,25 @@ class PreferencePairDataset(Dataset):
         assert self.anchor_pool is not None, "this dataset has no anchors"
         return self.anchor_pool[derive_seed(self.anchor_seed, "anchor", position, epoch) % len(self.anchor_pool)]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> PairSample:
         """Item ``index``; an index past the end carries an epoch (``epoch * len + item``, see the sampler)."""
         epoch, item = divmod(index, len(self.rows))
         row, position = self.rows[item], self.positions[item]
-        sample: dict[str, Any] = {"position": position, "prompt": row["unsafe_prompt"]}
+        sample = PairSample(position=position, prompt=row["unsafe_prompt"], row=describe_row(row, position))
         if self.use_precomputed:
             features = self._load_features(row, position)
-            sample["latents_winner"] = features["latent_safe"]
-            sample["latents_loser"] = features["latent_unsafe"]
-            sample["prompt_embeds"] = features["prompt_embeds"]
+            sample.latents_winner = features["latent_safe"]
+            sample.latents_loser = features["latent_unsafe"]
+            sample.prompt_embeds = features["prompt_embeds"]
         else:
-            sample["pixels_winner"] = self._load_image(row, position, "image_safe")
-            sample["pixels_loser"] = self._load_image(row, position, "image_unsafe")
+            sample.pixels_winner = self._load_image(row, position, "image_safe")
+            sample.pixels_loser = self._load_image(row, position, "image_unsafe")
         if self.anchor_pool is not None:
             anchor, anchor_position = self.anchor_for(position, epoch)
-            sample["anchor_position"] = anchor_position
-            sample["anchor_prompt"] = anchor["safe_prompt"]
+            sample.anchor_position = anchor_position
+            sample.anchor_prompt = anchor["safe_prompt"]
             if self.use_precomputed:
-                sample["anchor_latents"] = self._load_features(anchor, anchor_position)["latent_safe"]
+                sample.anchor_latents = self._load_features(anchor, anchor_position)["latent_safe"]
             else:
-                sample["anchor_pixels"] = self._load_image(anchor, anchor_position, "image_safe")
+                sample.anchor_pixels = self._load_image(anchor, anchor_position, "image_safe")
         return sample

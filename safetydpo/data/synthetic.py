@@ -11,10 +11,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from safetydpo.data.coprov2 import METADATA_FILE, METADATA_SCHEMA, write_table
 from safetydpo.io import atomic_directory
 
 SYNTHETIC_TAXONOMY: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -38,7 +37,7 @@ def _render(shape: str, color: tuple[int, int, int], background: tuple[int, int,
 
 
 def write_synthetic_dataset(out_dir: str | Path, pairs_per_concept: int = 4, resolution: int = 32, seed: int = 0) -> Path:
-    """Write images and ``metadata.parquet`` (CoProV2 columns) atomically into ``out_dir``."""
+    """Write images and ``metadata.parquet`` (``METADATA_SCHEMA``, no features) atomically into ``out_dir``."""
     rng = random.Random(seed)
     rows = []
     out_dir = Path(out_dir)
@@ -65,5 +64,5 @@ def write_synthetic_dataset(out_dir: str | Path, pairs_per_concept: int = 4, res
                             "image_safe": f"images/s_{stem}.png",
                         }
                     )
-        pq.write_table(pa.Table.from_pylist(rows), tmp / "metadata.parquet")
+        write_table(rows, tmp / METADATA_FILE, METADATA_SCHEMA)
     return out_dir

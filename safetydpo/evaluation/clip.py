@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,12 @@ class ClipSpec:
     """
 
     backend: str = "open_clip"
+    """Which library loads the model: ``open_clip`` or ``transformers``."""
     model: str = "ViT-L-14-quickgelu"
-    pretrained: Optional[str] = None  # Optional, not str | None: older OmegaConf cannot read PEP 604 unions
+    """open_clip: an architecture name (then ``pretrained`` is its weights file; download tags like ``openai`` are
+    refused) or ``local-dir:FOLDER``. transformers: a ``save_pretrained`` folder with the processor files."""
+    pretrained: str | None = None
+    """open_clip weights file for an architecture name (``.safetensors`` preferred); unused otherwise."""
 
     @classmethod
     def coerce(cls, value: ClipSpec | Mapping[str, Any] | None, owner: str) -> ClipSpec:

@@ -96,7 +96,7 @@ def resolve_definition(
     unknown = [n for n in names if n not in CLASSIFIERS.names()]
     if unknown:
         raise EvaluationError(
-            f"unknown classifier '{unknown[0]}'; registered: {', '.join(CLASSIFIERS.names())} (add its module to `imports`)"
+            f"unknown classifier '{unknown[0]}'; registered: {', '.join(CLASSIFIERS.names())} (a package registers its own through the `safetydpo.plugins` entry point)"
         )
     if len(set(names)) != len(names):
         raise EvaluationError(f"IP definition '{name}' lists a classifier twice: {names}")

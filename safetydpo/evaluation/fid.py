@@ -1,15 +1,16 @@
 """FID with clean-fid: its "clean" resizing, its feature loop and its Fréchet distance, on local weights only.
 
 clean-fid downloads Inception into /tmp when it is missing; here the extractor is always built
-from a local file (or is FID-CLIP, or any user class) and handed to clean-fid as a custom extractor.
+from a local file (or is FID-CLIP, or another registered class) and handed to clean-fid as a custom extractor.
 """
 
 from __future__ import annotations
 
-import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from glob import glob
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,30 +24,64 @@ from torch import Tensor
 from safetydpo.evaluation.clip import ClipEncoder, load_clip
 from safetydpo.evaluation.config import FidConfig
 from safetydpo.evaluation.errors import EvaluationError
+from safetydpo.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 FeatureExtractor = Callable[[Tensor], Tensor]
 
-
-def inception_extractor(path: str | None, device: torch.device) -> torch.nn.Module:
-    """clean-fid's TorchScript Inception (the FID standard) from a local file or the folder holding it."""
-    how = f"download {inception_url} once and set fid.inception_path to it (or use fid.feature_extractor: clip)"
-    if not path:
-        raise EvaluationError(f"FID with the Inception extractor needs fid.inception_path: {how}")
-    given = Path(path).expanduser()
-    weights = given / INCEPTION_FILE if given.is_dir() else given
-    if weights.name != INCEPTION_FILE:
-        raise EvaluationError(f"fid.inception_path {given}: clean-fid loads a file named {INCEPTION_FILE}")
-    if not weights.is_file():
-        raise EvaluationError(f"Inception weights not found at {weights}: {how}")
-    return InceptionV3W(str(weights.parent), download=False, resize_inside=False).to(device).eval()
+#: ``fid.feature_extractor`` picks one of these by name: a YAML file selects among registered classes
+#: and never names a module to import. Plugins (ToyWorld's judge features) register through the
+#: ``safetydpo.plugins`` entry point.
+FEATURE_EXTRACTORS: Registry[Any] = Registry("FID feature extractor")
 
 
-class ClipFeatures:
-    """FID-CLIP (Kynkäänniemi et al., 2023): CLIP image embeddings of clean-fid's resized images."""
+class ConfiguredFeatures(ABC):
+    """A built-in extractor whose settings have ``fid`` keys of their own, so ``fid.extractor_args`` is not for it."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: FidConfig, device: torch.device) -> ConfiguredFeatures:
+        """The extractor built from its own ``fid`` keys, on ``device``."""
+
+    @abstractmethod
+    def __call__(self, batch: Tensor) -> Tensor:
+        """Features of N x 3 x 299 x 299 floats in [0, 255] (clean-fid's resized images)."""
+
+
+@FEATURE_EXTRACTORS.register("inception")
+class InceptionFeatures(ConfiguredFeatures):
+    """clean-fid's TorchScript Inception (the FID standard) from a local file or the folder holding it (``fid.inception_path``)."""
+
+    def __init__(self, path: str | None, device: torch.device) -> None:
+        how = f"download {inception_url} once and set fid.inception_path to it (or use fid.feature_extractor: clip)"
+        if not path:
+            raise EvaluationError(f"FID with the Inception extractor needs fid.inception_path: {how}")
+        given = Path(path).expanduser()
+        weights = given / INCEPTION_FILE if given.is_dir() else given
+        if weights.name != INCEPTION_FILE:
+            raise EvaluationError(f"fid.inception_path {given}: clean-fid loads a file named {INCEPTION_FILE}")
+        if not weights.is_file():
+            raise EvaluationError(f"Inception weights not found at {weights}: {how}")
+        self.model = InceptionV3W(str(weights.parent), download=False, resize_inside=False).to(device).eval()
+
+    @classmethod
+    def from_config(cls, config: FidConfig, device: torch.device) -> InceptionFeatures:
+        return cls(config.inception_path, device)
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        return self.model(batch)
+
+
+@FEATURE_EXTRACTORS.register("clip")
+class ClipFeatures(ConfiguredFeatures):
+    """FID-CLIP (Kynkäänniemi et al., 2023): CLIP image embeddings of clean-fid's resized images (``fid.clip``)."""
 
     def __init__(self, encoder: ClipEncoder) -> None:
         self.encoder = encoder
+
+    @classmethod
+    def from_config(cls, config: FidConfig, device: torch.device) -> ClipFeatures:
+        return cls(load_clip(config.clip, device))
 
     def __call__(self, batch: Tensor) -> Tensor:
         pixels = batch.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -54,21 +89,22 @@ class ClipFeatures:
 
 
 def build_extractor(config: FidConfig, device: torch.device) -> FeatureExtractor:
-    """``inception``, ``clip`` or ``package.module.Class`` (built with ``extractor_args``; called on N x 3 x 299 x 299 floats in [0, 255])."""
-    if config.feature_extractor in ("inception", "clip") and config.extractor_args:
-        raise EvaluationError(f"fid.extractor_args only apply to a custom extractor class, not '{config.feature_extractor}'")
-    if config.feature_extractor == "inception":
-        return inception_extractor(config.inception_path, device)
-    if config.feature_extractor == "clip":
-        return ClipFeatures(load_clip(config.clip, device))
-    module_name, _, class_name = config.feature_extractor.rpartition(".")
+    """The registered extractor ``fid.feature_extractor`` names (other classes take ``fid.extractor_args``).
+
+    A name or a registered class's dotted path, never imported: the config cannot run code of its choosing.
+    """
     try:
-        extractor_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        raise EvaluationError(
-            f"fid.feature_extractor '{config.feature_extractor}' is not inception, clip or an importable class"
-        ) from None
-    extractor = extractor_class(**config.extractor_args)
+        extractor_class = FEATURE_EXTRACTORS.get(config.feature_extractor)
+    except ValueError as err:
+        raise EvaluationError(f"fid.feature_extractor: {err}") from None
+    if issubclass(extractor_class, ConfiguredFeatures):
+        if config.extractor_args:
+            raise EvaluationError(f"fid.extractor_args only apply to a custom extractor class, not '{config.feature_extractor}'")
+        return extractor_class.from_config(config, device)
+    try:
+        extractor = FEATURE_EXTRACTORS.build(config.feature_extractor, **config.extractor_args)
+    except TypeError as err:
+        raise EvaluationError(f"fid.extractor_args: {err}") from None
     return extractor.to(device).eval() if isinstance(extractor, torch.nn.Module) else extractor
 
 

@@ -56,9 +56,9 @@ def plan_images(
 
 def check_model(model: ModelConfig) -> None:
     """The pipeline folder and LoRA file exist (checked before any work starts)."""
-    if not (Path(model.pretrained).expanduser() / "model_index.json").is_file():
+    if not (Path(model.base_model).expanduser() / "model_index.json").is_file():
         raise EvaluationError(
-            f"model '{model.name}': {model.pretrained} is not a diffusers pipeline folder (no model_index.json)"
+            f"model '{model.name}': {model.base_model} is not a diffusers pipeline folder (no model_index.json)"
         )
     if model.lora and not Path(model.lora).expanduser().is_file():
         raise EvaluationError(f"model '{model.name}': LoRA file {model.lora} does not exist")
@@ -68,7 +68,7 @@ def render_settings(model: ModelConfig, generation: GenerationConfig, dtype: tor
     """What every image of a model depends on beyond its prompt and seed (the LoRA by content, so a retrained file counts)."""
     lora = Path(model.lora).expanduser() if model.lora else None
     return {
-        "pretrained": str(Path(model.pretrained).expanduser().resolve()),
+        "base_model": str(Path(model.base_model).expanduser().resolve()),
         "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest() if lora else None,
         "num_inference_steps": generation.num_inference_steps,
         "dtype": str(dtype).removeprefix("torch."),
@@ -91,7 +91,7 @@ def claim_folder(folder: Path, settings: dict[str, Any]) -> None:
 
 def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     """The base pipeline with the LoRA loaded and SD's post-hoc safety checker off (we measure the model, not the filter)."""
-    folder = Path(model.pretrained).expanduser()
+    folder = Path(model.base_model).expanduser()
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **no_checker)

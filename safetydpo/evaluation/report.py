@@ -17,7 +17,7 @@ def markdown_report(payload: dict[str, Any]) -> str:
     lines.append("**Models**")
     for name, model in payload["models"].items():
         lora = f" + LoRA `{model['lora']}`" if model["lora"] else ""
-        lines.append(f"- `{name}`: `{model['pretrained']}`{lora}" + (" (baseline)" if name == baseline else ""))
+        lines.append(f"- `{name}`: `{model['base_model']}`{lora}" + (" (baseline)" if name == baseline else ""))
     lines += ["", "Values are means with bootstrap 95% intervals in brackets; Δ is the difference to the baseline.", ""]
     for set_name, info in payload["prompt_sets"].items():
         lines += [

@@ -6,7 +6,6 @@ loaded before the first image is rendered, so a typo never costs a rendering run
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safetydpo.evaluation.classifiers import SafetyClassifier
+from safetydpo.evaluation.classify import classify_images
 from safetydpo.evaluation.clip import ClipEncoder, load_clip
 from safetydpo.evaluation.clipscore import clip_scores
 from safetydpo.evaluation.config import EvalConfig, GenerationConfig, ModelConfig, PromptSetConfig
@@ -32,7 +32,6 @@ from safetydpo.evaluation.generate import (
     render_settings,
 )
 from safetydpo.evaluation.grid import write_grid
-from safetydpo.evaluation.judge import judge_images
 from safetydpo.evaluation.prompts.base import load_prompt_set
 from safetydpo.evaluation.report import markdown_report
 from safetydpo.evaluation.results import set_results
@@ -54,11 +53,6 @@ class Scorers:
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run the whole evaluation ``config`` describes; returns the payload written to ``results.json``."""
-    for module in config.imports:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise EvaluationError(f"imports: cannot import '{module}': {err}") from None
     device = resolve_device(config.device, "device", EvaluationError)
     dtype = resolve_dtype(config.generation.dtype, device, "generation.dtype", EvaluationError)
     root = Path(config.output_dir).expanduser()
@@ -74,7 +68,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "ip_definition": scorers.definition.as_dict() if scorers.definition else None,
         "baseline": config.baseline_name,
         "generation": asdict(config.generation),
-        "models": {m.name: {"pretrained": m.pretrained, "lora": m.lora} for m in config.models},
+        "models": {m.name: {"base_model": m.base_model, "lora": m.lora} for m in config.models},
         "prompt_sets": {s.name: describe_set(s, plans[(config.models[0].name, s.name)]) for s in config.prompt_sets},
         "results": {
             m.name: {s.name: score_set(plans[(m.name, s.name)], s, scorers, config, root, m.name) for s in config.prompt_sets}
@@ -141,7 +135,7 @@ def score_set(
     label = f"{model}/{prompt_set.name}"
     verdicts = clip = fid = None
     if "ip" in prompt_set.metrics:
-        verdicts = judge_images(paths, scorers.classifiers, config.ip.batch_size, f"judge {label}")
+        verdicts = classify_images(paths, scorers.classifiers, config.ip.batch_size, f"classify {label}")
     if "clipscore" in prompt_set.metrics and scorers.clip is not None:
         clip = clip_scores(
             scorers.clip, paths, [image.prompt.text for image in planned], config.clipscore.batch_size, f"CLIPScore {label}"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from safetydpo.merging.experts import LoraExpert
+from safetydpo.lora_files import LoraExpert
 
 
 @dataclass
@@ -34,6 +34,8 @@ class _LayerProbe:
     """Forward hook that accumulates the activity of every expert's rank directions at one layer."""
 
     def __init__(self, module: torch.nn.Module, experts: list[LoraExpert], name: str) -> None:
+        # A UNet with a peft adapter attached (a training run's) wraps each layer; its input is the base layer's.
+        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         self.module = module
         downs = [expert.layers[name].down for expert in experts]
         ups = [expert.layers[name].up for expert in experts]
@@ -66,7 +68,7 @@ def collect_activations(
     experts: list[LoraExpert],
     inputs: Iterable[tuple[Tensor, Tensor, Tensor]],
 ) -> ActivationStats:
-    """Run ``unet`` (base weights, no adapter) over ``(noisy_latents, timesteps, text_embeds)`` batches."""
+    """Run ``unet`` over ``(noisy_latents, timesteps, text_embeds)`` batches; any adapter on it must be disabled."""
     layer_names = list(experts[0].layers)
     missing = [name for name in layer_names if name not in dict(unet.named_modules())]
     if missing:

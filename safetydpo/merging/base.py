@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from safetydpo.merging.activations import ActivationStats
-from safetydpo.merging.experts import LoraExpert, LoraFactors
+from safetydpo.lora_files import LoraExpert, LoraFactors
 from safetydpo.registry import Registry
 
 

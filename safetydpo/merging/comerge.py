@@ -25,7 +25,7 @@ import torch
 
 from safetydpo.merging.activations import ActivationStats
 from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, refactor
-from safetydpo.merging.experts import LoraExpert, LoraFactors
+from safetydpo.lora_files import LoraExpert, LoraFactors
 
 
 def principal_directions(expert: LoraExpert) -> LoraExpert:

@@ -8,7 +8,7 @@ import torch
 
 from safetydpo.merging.activations import ActivationStats
 from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, expert_weights
-from safetydpo.merging.experts import LoraExpert, LoraFactors
+from safetydpo.lora_files import LoraExpert, LoraFactors
 
 
 @MERGES.register("cat")

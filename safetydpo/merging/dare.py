@@ -9,7 +9,7 @@ from peft.utils.merge_utils import dare_linear, dare_ties
 
 from safetydpo.merging.activations import ActivationStats
 from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, expert_weights, merge_deltas
-from safetydpo.merging.experts import LoraExpert
+from safetydpo.lora_files import LoraExpert
 
 
 @MERGES.register("dare")

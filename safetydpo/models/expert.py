@@ -6,7 +6,6 @@ import dataclasses
 from contextvars import ContextVar
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import cast_training_params
@@ -15,39 +14,13 @@ from torch import Tensor
 
 from safetydpo.devices import DTYPES
 from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_loss, check_finite
-from safetydpo.models.components import DiffusionComponents, encode_images, encode_prompts, freeze, load_components
+from safetydpo.data.batch import PairBatch
+from safetydpo.models.components import DiffusionComponents, freeze, load_components
+from safetydpo.models.inputs import anchor_latents, anchor_noise_and_timesteps, noise_and_timesteps, pair_latents
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
-
-# Independent random streams drawn per pair from (noise_seed, step, dataset row, stream).
-NOISE_STREAM, WINNER_LATENT_STREAM, LOSER_LATENT_STREAM, ANCHOR_LATENT_STREAM = 0, 1, 2, 3
-# Anchors draw their diffusion noise from (noise_seed, step, row + offset), apart from the pairs' noise.
-ANCHOR_NOISE_OFFSET = 1 << 40
 
 # Components handed to ``DPOExpertModule.from_components``; out of band so they stay out of hparams and the CLI schema.
 _PRELOADED: ContextVar[DiffusionComponents | None] = ContextVar("preloaded_components", default=None)
-
-
-def pair_generators(seed: int, step: int, positions: Tensor, stream: int) -> list[torch.Generator]:
-    """One CPU generator per pair, seeded only by who the pair is and when it is seen.
-
-    Randomness that depends on neither the process nor the batch composition is what lets a
-    resumed run, or a DDP run with the same global batch, reproduce a single uninterrupted run.
-    """
-    return [
-        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, int(p), stream]).generate_state(1)[0]))
-        for p in positions.tolist()
-    ]
-
-
-def noise_and_timesteps(
-    latents: Tensor, positions: Tensor, seed: int, step: int, num_train_timesteps: int
-) -> tuple[Tensor, Tensor]:
-    """Per-pair Gaussian noise shaped like ``latents`` and uniform training timesteps, reproducibly seeded."""
-    noise, timesteps = [], []
-    for generator in pair_generators(seed, step, positions, NOISE_STREAM):
-        noise.append(torch.randn(latents.shape[1:], generator=generator))
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
-    return torch.stack(noise).to(latents), torch.cat(timesteps).to(latents.device)
 
 
 def _squared_error(prediction: Tensor, target: Tensor) -> Tensor:
@@ -64,8 +37,8 @@ class DPOExpertModule(LightningModule):
     row), so resumed and multi-GPU runs draw exactly the noise a single uninterrupted run draws.
 
     Args:
-        pretrained_model_name_or_path: diffusers pipeline folder or hub id (SD 1.x / 2.x).
-        loss: registered loss name (``safety_dpo``, ``diffusion_dpo``, ``ipo``, ``margin``) or an instance.
+        base_model: diffusers pipeline folder or hub id (SD 1.x / 2.x).
+        loss: registered loss name (``safety_dpo``, ``diffusion_dpo``, ``dpo_sft``, ``ipo``, ``margin``) or an instance.
         lora: LoRA rank, alpha, target modules, dropout and init.
         learning_rate: AdamW learning rate for the LoRA weights.
         weight_decay: AdamW weight decay.
@@ -88,7 +61,7 @@ class DPOExpertModule(LightningModule):
 
     def __init__(
         self,
-        pretrained_model_name_or_path: str,
+        base_model: str,
         loss: str | PreferenceLoss = "safety_dpo",
         lora: LoraSettings | None = None,
         learning_rate: float = 1e-5,
@@ -123,7 +96,7 @@ class DPOExpertModule(LightningModule):
         if preloaded is not None:
             components = preloaded.cast(DTYPES[frozen_dtype])
         else:
-            components = load_components(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=DTYPES[frozen_dtype])
+            components = load_components(base_model, revision=revision, variant=variant, dtype=DTYPES[frozen_dtype])
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -147,7 +120,7 @@ class DPOExpertModule(LightningModule):
         """Build around components already in memory (benchmarks, tests) instead of a checkpoint on disk.
 
         Goes through ``__init__``, so freezing, LoRA, casting and the fast-path options are exactly
-        those of a training run; ``name`` is recorded as ``pretrained_model_name_or_path``. The
+        those of a training run; ``name`` is recorded as ``base_model``. The
         components are modified in place (adapter attached, frozen, cast).
         """
         token = _PRELOADED.set(components)
@@ -164,30 +137,13 @@ class DPOExpertModule(LightningModule):
         self.text_encoder.eval()
         return self
 
-    def _batch_inputs(self, batch: dict[str, Any], step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Winner latents, loser latents and prompt embeddings, from precomputed features when present."""
-        if "latents_winner" in batch:
-            return batch["latents_winner"], batch["latents_loser"], batch["prompt_embeds"]
-        seed, positions = self.hparams.noise_seed, batch["position"]
-        generators = pair_generators(seed, step, positions, WINNER_LATENT_STREAM)
-        generators += pair_generators(seed, step, positions, LOSER_LATENT_STREAM)
-        pixels = torch.cat([batch["pixels_winner"], batch["pixels_loser"]])
-        winner, loser = encode_images(self.vae, pixels, generators).chunk(2)
-        return winner, loser, encode_prompts(self.components, list(batch["prompt"]))
-
-    def _anchor_inputs(self, batch: dict[str, Any], step: int) -> tuple[Tensor, Tensor] | None:
+    def _anchor_inputs(self, batch: PairBatch, step: int) -> tuple[Tensor, Tensor] | None:
         """Anchor latents and safe-prompt embeddings, or ``None`` when the anchor term is off."""
-        has_anchors = "anchor_prompt" in batch
-        if self.hparams.anchor_weight > 0 and not has_anchors:
-            raise ValueError("anchor_weight > 0 needs anchors in the batches: set data.anchors: true")
-        if not has_anchors or self.hparams.anchor_weight == 0:
+        if self.hparams.anchor_weight > 0 and not batch.has_anchors:
+            raise ValueError("anchor_weight > 0 needs anchors in the batches: set data.init_args.anchors: true")
+        if not batch.has_anchors or self.hparams.anchor_weight == 0:
             return None
-        if "anchor_latents" in batch:
-            latents = batch["anchor_latents"]
-        else:
-            generators = pair_generators(self.hparams.noise_seed, step, batch["anchor_position"], ANCHOR_LATENT_STREAM)
-            latents = encode_images(self.vae, batch["anchor_pixels"], generators)
-        return latents, encode_prompts(self.components, list(batch["anchor_prompt"]))
+        return anchor_latents(self.components, batch, self.hparams.noise_seed, step)
 
     # ------------------------------------------------------------------ loss
     def _predict(self, latents: Tensor, noise: Tensor, timesteps: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,19 +159,19 @@ class DPOExpertModule(LightningModule):
         prediction = self._unet_forward(noisy, timesteps, encoder_hidden_states=embeds.to(noisy.dtype)).sample
         return prediction.float(), target.float()
 
-    def preference_step(self, batch: dict[str, Any], step: int) -> tuple[LossOutput, DenoisingErrors]:
+    def preference_step(self, batch: PairBatch, step: int) -> tuple[LossOutput, DenoisingErrors]:
         """Errors of policy and reference on one batch of pairs (and anchors), and the loss over them."""
-        winner, loser, embeds = self._batch_inputs(batch, step)
+        seed = self.hparams.noise_seed
+        winner, loser, embeds = pair_latents(self.components, batch, seed, step)
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        noise, timesteps = noise_and_timesteps(winner, batch["position"], self.hparams.noise_seed, step, num_train_timesteps)
+        noise, timesteps = noise_and_timesteps(winner, batch.positions, seed, step, num_train_timesteps)
         # Winner and loser share noise and timestep; they and the anchors go through the UNet in one forward pass.
         parts = [(torch.cat([winner, loser]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2), embeds.repeat(2, 1, 1))]
         anchors = self._anchor_inputs(batch, step)
         if anchors is not None:
-            anchor_latents, anchor_embeds = anchors
-            positions = batch["anchor_position"] + ANCHOR_NOISE_OFFSET
-            anchor_noise, anchor_timesteps = noise_and_timesteps(anchor_latents, positions, self.hparams.noise_seed, step, num_train_timesteps)
-            parts.append((anchor_latents.to(winner), anchor_noise, anchor_timesteps, anchor_embeds.to(embeds)))
+            anchor_clean, anchor_embeds = anchors
+            anchor_noise, anchor_timesteps = anchor_noise_and_timesteps(anchor_clean, batch, seed, step, num_train_timesteps)
+            parts.append((anchor_clean.to(winner), anchor_noise, anchor_timesteps, anchor_embeds.to(embeds)))
         args = tuple(torch.cat(tensors) for tensors in zip(*parts))
         num_pairs = 2 * winner.shape[0]
         prediction, target = self._predict(*args)
@@ -257,18 +213,18 @@ class DPOExpertModule(LightningModule):
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, prog_bar=False, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", output.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: PairBatch, batch_idx: int) -> Tensor:
         output, errors = self.preference_step(batch, self.global_step)
         # Checked on the loss averaged over ranks, so a NaN on any rank stops all of them at this step
         # (a rank raising alone would leave the others blocked in the gradient all-reduce).
         check_finite(self.trainer.strategy.reduce(output.loss.detach().clone(), reduce_op="mean"), self.global_step)
-        self._log_step("train", output, errors, len(batch["prompt"]))
+        self._log_step("train", output, errors, len(batch))
         return output.loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
         # A fixed step index gives every validation pass the same noise, so val losses compare across epochs.
         output, errors = self.preference_step(batch, step=0)
-        self._log_step("val", output, errors, len(batch["prompt"]))
+        self._log_step("val", output, errors, len(batch))
 
     # ------------------------------------------------------------------ optimisation and state
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,20 +1,14 @@
-"""Attaching a peft LoRA to the UNet and writing it as a diffusers-format LoRA file."""
+"""Attaching a peft LoRA to the UNet and reading its weights out (the file format lives in ``safetydpo.lora_files``)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-
-from safetydpo.io import atomic_file, write_json_atomic
 
 ADAPTER_NAME = "default"
 
@@ -82,27 +76,3 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
             if key in state:
                 state[key] *= module.scaling[ADAPTER_NAME]
     return state
-
-
-def save_lora(
-    path: str | Path, unet_lora: dict[str, torch.Tensor], config: LoraConfig, card: dict[str, Any]
-) -> Path:
-    """Write a LoRA loadable by ``StableDiffusionPipeline.load_lora_weights`` plus ``<name>.json`` model card.
-
-    Both files are written to temporary names and renamed into place, so an interrupted save
-    never leaves a truncated file where a good one was.
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA file name must end in .safetensors, got {path}")
-    metadata = config.to_dict()
-    metadata["lora_alpha"] = metadata["r"]  # the scale is folded into lora_B by lora_state_dict
-    metadata["target_modules"] = sorted(metadata["target_modules"] or [])
-    with atomic_file(path) as tmp_file, tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp_dir, unet_lora_layers=unet_lora, weight_name=path.name, unet_lora_adapter_metadata=metadata
-        )
-        os.replace(Path(tmp_dir, path.name), tmp_file)
-    write_json_atomic(path.with_suffix(".json"), card)
-    return path
-

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from safetydpo.evaluation.classifiers.toyworld import ToyWorldJudge
+from safetydpo.toyworld.classifier import ToyWorldClassifier
 from safetydpo.toyworld.stream import HELDOUT_COMBINATIONS
 from safetydpo.toyworld.world import ATTRIBUTES, RESOLUTION, caption
 
@@ -46,13 +46,13 @@ def heldout_prompts(count: int, seed: int) -> list[dict[str, str]]:
 
 
 def attribute_fidelity(
-    judge: ToyWorldJudge, images: list[Image.Image], prompted: list[dict[str, str]], ignored: list[str | None] | None = None
+    classifier: ToyWorldClassifier, images: list[Image.Image], prompted: list[dict[str, str]], ignored: list[str | None] | None = None
 ) -> dict[str, float]:
     """Share of images showing each prompted attribute, and all of them at once (``"all"``).
 
     ``ignored`` names, per image, an attribute left out of ``"all"`` (the harmful one, on unsafe prompts).
     """
-    seen = judge.attributes(images)
+    seen = classifier.attributes(images)
     skip = ignored or [None] * len(images)
     hits = {name: [s[name] == p[name] for s, p in zip(seen, prompted)] for name in ATTRIBUTES}
     scores = {name: sum(h) / len(h) for name, h in hits.items()}
@@ -60,8 +60,8 @@ def attribute_fidelity(
     return scores
 
 
-def heldout_fidelity(pipe: StableDiffusionPipeline, judge: ToyWorldJudge, count: int = 256, seed: int = 0) -> dict[str, float]:
+def heldout_fidelity(pipe: StableDiffusionPipeline, classifier: ToyWorldClassifier, count: int = 256, seed: int = 0) -> dict[str, float]:
     """Prompt following on unseen attribute combinations, as the judge reads the samples."""
     prompted = heldout_prompts(count, seed)
     images = sample_images(pipe, [caption(p) for p in prompted], [seed * 100_000 + i for i in range(count)], desc="held-out prompts")
-    return attribute_fidelity(judge, images, prompted)
+    return attribute_fidelity(classifier, images, prompted)

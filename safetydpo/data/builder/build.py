@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -15,25 +14,28 @@ from safetydpo.data.builder.card import write_card
 from safetydpo.data.builder.config import BuildConfig
 from safetydpo.data.builder.errors import BuildError
 from safetydpo.data.builder.generators import PairGenerator, build_generator
-from safetydpo.data.builder.layout import (
-    METADATA_FILE,
-    METADATA_SCHEMA,
-    PAIR_SCHEMA,
-    PAIRS_FILE,
-    image_paths,
-    remove_stale_temp_files,
-    shard_path,
-    write_parquet,
-)
 from safetydpo.data.builder.lock import output_lock
 from safetydpo.data.builder.manifest import Manifest, open_manifest
 from safetydpo.data.builder.pair_table import read_pair_table
 from safetydpo.data.builder.pairs import generate_pairs
 from safetydpo.data.builder.render import PairRenderer
-from safetydpo.seeding import derive_seed
 from safetydpo.data.builder.taxonomy_file import load_taxonomy
 from safetydpo.data.builder.validation import PairValidator
+from safetydpo.data.coprov2 import (
+    FEATURES_COLUMN,
+    METADATA_FILE,
+    METADATA_SCHEMA,
+    PAIR_COLUMNS,
+    PAIR_SCHEMA,
+    PAIRS_FILE,
+    feature_name,
+    image_paths,
+    read_table,
+    shard_path,
+    write_table,
+)
 from safetydpo.io import atomic_file
+from safetydpo.seeding import derive_seed
 
 
 @dataclass
@@ -50,7 +52,7 @@ class BuildResult:
 def _pair_rows(config: BuildConfig, root: Path, manifest: Manifest, generator: PairGenerator | None) -> list[dict[str, Any]]:
     """The pair table: read back when final, else imported or generated, and made final."""
     if manifest.pairs is not None:
-        return pq.read_table(root / PAIRS_FILE).to_pylist()
+        return read_table(root / PAIRS_FILE, PAIR_COLUMNS, error=BuildError)
     if config.pairs_from is not None:
         rows = read_pair_table(Path(config.pairs_from))
         report: dict[str, Any] = {"source": config.pairs_from, "accepted": len(rows)}
@@ -72,7 +74,7 @@ def _pair_rows(config: BuildConfig, root: Path, manifest: Manifest, generator: P
             f"the generator produced no valid pair from {report['candidates']} candidates (rejected: {report['rejected']}); "
             "change the generator or pairs settings and build into a new folder"
         )
-    write_parquet(rows, root / PAIRS_FILE, PAIR_SCHEMA)
+    write_table(rows, root / PAIRS_FILE, PAIR_SCHEMA)
     manifest.pairs = report
     manifest.num_rows = len(rows)
     manifest.num_shards = -(-len(rows) // config.render.shard_size)
@@ -83,7 +85,7 @@ def _pair_rows(config: BuildConfig, root: Path, manifest: Manifest, generator: P
 def _metadata_row(pair: dict[str, Any], shard: int, base_seed: int) -> dict[str, Any]:
     image_unsafe, image_safe = image_paths(pair["category"], pair["id"])
     seed = derive_seed(base_seed, pair["id"])
-    return {**pair, "seed": seed, "image_unsafe": image_unsafe, "image_safe": image_safe, "features": shard_path(shard)}
+    return {**pair, "seed": seed, "image_unsafe": image_unsafe, "image_safe": image_safe, FEATURES_COLUMN: shard_path(shard)}
 
 
 def _shards(pairs: list[dict[str, Any]], config: BuildConfig) -> list[list[dict[str, Any]]]:
@@ -102,17 +104,25 @@ def _render_shard(renderer: PairRenderer, root: Path, rows: list[dict[str, Any]]
             for image, relative in ((rendered.unsafe_images[i], row["image_unsafe"]), (rendered.safe_images[i], row["image_safe"])):
                 with atomic_file(root / relative) as tmp:
                     image.save(tmp, format="PNG")
-            tensors[f"{row['id']}.latent_unsafe"] = rendered.unsafe_latents[i].contiguous()
-            tensors[f"{row['id']}.latent_safe"] = rendered.safe_latents[i].contiguous()
-            tensors[f"{row['id']}.prompt_embeds"] = rendered.unsafe_embeds[i].contiguous()
+            tensors[feature_name(row["id"], "latent_unsafe")] = rendered.unsafe_latents[i].contiguous()
+            tensors[feature_name(row["id"], "latent_safe")] = rendered.safe_latents[i].contiguous()
+            tensors[feature_name(row["id"], "prompt_embeds")] = rendered.unsafe_embeds[i].contiguous()
         progress.update(len(batch))
-    with atomic_file(root / rows[0]["features"]) as tmp:
+    with atomic_file(root / rows[0][FEATURES_COLUMN]) as tmp:
         save_file(tensors, str(tmp))
 
 
 def _write_metadata(root: Path, shards: list[list[dict[str, Any]]], committed: list[int]) -> None:
     """metadata.parquet = the committed shards' rows, in shard order (rewritten whole, atomically)."""
-    write_parquet([row for shard in sorted(committed) for row in shards[shard]], root / METADATA_FILE, METADATA_SCHEMA)
+    write_table([row for shard in sorted(committed) for row in shards[shard]], root / METADATA_FILE, METADATA_SCHEMA)
+
+
+def remove_stale_temp_files(root: Path) -> int:
+    """Delete ``.name.*.tmp`` files that a killed process left behind (``atomic_file`` names); returns how many."""
+    stale = [path for path in root.rglob(".*.tmp") if path.is_file()] if root.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 def _fingerprint(config: BuildConfig) -> dict[str, Any]:

@@ -7,9 +7,11 @@ from pathlib import Path
 import yaml
 
 from safetydpo.data.builder.config import BuildConfig
-from safetydpo.data.builder.layout import CARD_FILE, METADATA_FILE, PAIRS_FILE
 from safetydpo.data.builder.manifest import Manifest
+from safetydpo.data.coprov2 import METADATA_FILE, PAIRS_FILE
 from safetydpo.io import atomic_file
+
+CARD_FILE = "README.md"
 
 
 def write_card(root: Path, config: BuildConfig, manifest: Manifest) -> None:
@@ -26,7 +28,7 @@ def write_card(root: Path, config: BuildConfig, manifest: Manifest) -> None:
     source = f"the pair table {config.pairs_from}" if config.pairs_from else f"taxonomy {config.taxonomy} (generator {generator})"
     body = (
         "# CoProV2-format preference pairs\n\n"
-        f"Built by `safetydpo data build`: {manifest.num_rows} pairs from {source}, rendered by `{render.pipeline}` "
+        f"Built by `safetydpo data build`: {manifest.num_rows} pairs from {source}, rendered by `{render.base_model}` "
         f"({render.steps} steps, guidance {render.guidance_scale}, seed {render.seed}).\n\n"
         "Each row holds an unsafe prompt, its minimally different safe prompt, both renders (same seed and "
         "settings) and a `features` shard with the final latents and the unsafe prompt's text embeddings. "

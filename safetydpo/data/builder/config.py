@@ -29,7 +29,7 @@ class PairsConfig:
 class RenderConfig:
     """The model being aligned and the sampling settings both prompts of a pair share."""
 
-    pipeline: str
+    base_model: str
     variant: str | None = None
     steps: int = 50
     guidance_scale: float = 7.5
@@ -129,14 +129,19 @@ def _check_values(config: BuildConfig, source: Path) -> None:
         raise BuildError(f"{source}: 'pairs.min_similarity' must be in [0, 1], got {config.pairs.min_similarity}")
     if config.taxonomy is not None:
         generator_class(config.generator)
-    if not (Path(config.render.pipeline).expanduser() / "model_index.json").is_file():
-        pipeline = config.render.pipeline
-        raise BuildError(f"{source}: render.pipeline '{pipeline}' is not a diffusers pipeline folder (no model_index.json)")
+    if not (Path(config.render.base_model).expanduser() / "model_index.json").is_file():
+        base_model = config.render.base_model
+        raise BuildError(f"{source}: render.base_model '{base_model}' is not a diffusers pipeline folder (no model_index.json)")
 
 
 def load_build_config(path: str | Path) -> BuildConfig:
     """Read and check a build config; relative paths in it are relative to the working directory."""
     path = Path(path)
-    config = _from_mapping(BuildConfig, read_yaml(path, "config file", BuildError), "", path)
-    _check_values(config, path)
+    return build_config_from_dict(read_yaml(path, "config file", BuildError), path)
+
+
+def build_config_from_dict(data: Any, source: str | Path) -> BuildConfig:
+    """Check an in-memory build config (a file's content plus a pipeline's changes); errors name ``source``."""
+    config = _from_mapping(BuildConfig, data, "", Path(source))
+    _check_values(config, Path(source))
     return config

@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from safetydpo.data.builder.errors import BuildError
-from safetydpo.data.builder.layout import MANIFEST_FILE, METADATA_FILE, METADATA_SCHEMA, PAIR_SCHEMA, PAIRS_FILE, write_parquet
-from safetydpo.data.builder.pair_table import check_pair_row, check_unique_ids, read_table_file
+from safetydpo.data.builder.manifest import MANIFEST_FILE
+from safetydpo.data.builder.pair_table import check_pair_row, check_unique_ids
 from safetydpo.data.builder.records import Concept
 from safetydpo.data.builder.taxonomy_file import load_taxonomy
-from safetydpo.data.builder.validation import mentions
+from safetydpo.data.coprov2 import (
+    FEATURES_COLUMN,
+    METADATA_FILE,
+    METADATA_SCHEMA,
+    PAIR_SCHEMA,
+    PAIRS_FILE,
+    check_columns,
+    names_concept,
+    read_table,
+    write_table,
+)
 from safetydpo.data.taxonomy import normalize_category
 
 LAYOUTS: tuple[str, ...] = ("auto", "coprov2", "pairs")
@@ -42,9 +52,7 @@ class ImportResult:
 
 def _coprov2_pairs(rows: list[dict[str, Any]], table: Path) -> tuple[list[dict[str, Any]], int]:
     """Join ``u_<key>`` and ``s_<key>`` rows; returns the pairs (in order of first appearance) and the unpaired count."""
-    missing = [column for column in COPROV2_COLUMNS if column not in rows[0]]
-    if missing:
-        raise BuildError(f"table {table} has no column {', '.join(missing)}; the coprov2 layout needs {', '.join(COPROV2_COLUMNS)}")
+    check_columns(table, rows[0], COPROV2_COLUMNS, BuildError, fix=f"the coprov2 layout needs {', '.join(COPROV2_COLUMNS)}")
     sides: dict[str, dict[str, dict[str, Any]]] = {}
     for index, row in enumerate(rows):
         name = Path(str(row["image"])).name
@@ -82,9 +90,8 @@ def _generic_pairs(rows: list[dict[str, Any]], table: Path, columns: dict[str, s
     if unknown:
         raise BuildError(f"--column {unknown[0]}=...: not one of {', '.join(TABLE_COLUMNS)}")
     names = {ours: columns.get(ours, ours) for ours in TABLE_COLUMNS}
-    missing = [names[ours] for ours in REQUIRED_TABLE_COLUMNS if names[ours] not in rows[0]]
-    if missing:
-        raise BuildError(f"table {table} has no column {', '.join(missing)}; map yours with --column unsafe_prompt=NAME etc.")
+    required = [names[ours] for ours in REQUIRED_TABLE_COLUMNS]
+    check_columns(table, rows[0], required, BuildError, fix="map yours with --column unsafe_prompt=NAME etc.")
     present = {ours: theirs for ours, theirs in names.items() if theirs in rows[0]}
     return [{"id": f"row-{i:07d}", **{ours: row.get(theirs) for ours, theirs in present.items()}} for i, row in enumerate(rows)]
 
@@ -98,7 +105,7 @@ def _concept(row: dict[str, Any], category: str, concepts: list[Concept]) -> str
     if row.get("concept"):
         return str(row["concept"])
     for concept in concepts:
-        if concept.category == category and mentions(str(row.get("unsafe_prompt") or ""), concept.name):
+        if concept.category == category and names_concept(str(row.get("unsafe_prompt") or ""), concept.name):
             return concept.name
     return category
 
@@ -115,7 +122,7 @@ def _metadata_rows(pairs: list[dict[str, Any]], raw: list[dict[str, Any]], image
             if not path.is_file():
                 missing.append(str(path))
             paths[column] = os.path.relpath(path, out_dir)
-        rows.append({**pair, "seed": UNKNOWN_SEED, **paths, "features": None})
+        rows.append({**pair, "seed": UNKNOWN_SEED, **paths, FEATURES_COLUMN: None})
     if missing:
         raise BuildError(f"{len(missing)} image file(s) of the table are missing under {images}, first: {missing[0]}")
     return rows
@@ -134,7 +141,7 @@ def import_table(
         raise BuildError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
     if (out_dir / MANIFEST_FILE).is_file():
         raise BuildError(f"{out_dir} is a build folder ({MANIFEST_FILE}); import into a new folder")
-    rows = read_table_file(table)
+    rows = read_table(table, error=BuildError)
     if not rows:
         raise BuildError(f"table {table} has no rows")
     if layout == "auto":
@@ -150,9 +157,9 @@ def import_table(
         pairs.append(check_pair_row({**row, "concept": concept}, f"{table} pair {index} (id {row['id']})"))
     check_unique_ids(pairs, table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet(pairs, out_dir / PAIRS_FILE, PAIR_SCHEMA)
+    write_table(pairs, out_dir / PAIRS_FILE, PAIR_SCHEMA)
     if images is not None:
-        write_parquet(_metadata_rows(pairs, raw, images, out_dir), out_dir / METADATA_FILE, METADATA_SCHEMA)
+        write_table(_metadata_rows(pairs, raw, images, out_dir), out_dir / METADATA_FILE, METADATA_SCHEMA)
     categories: dict[str, int] = {}
     for pair in pairs:
         categories[pair["category"]] = categories.get(pair["category"], 0) + 1

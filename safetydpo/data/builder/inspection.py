@@ -11,11 +11,19 @@ from typing import Any
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from safetydpo.data.builder.layout import METADATA_FILE, PAIRS_FILE
 from safetydpo.data.builder.manifest import Manifest, read_manifest
 from safetydpo.data.builder.pair_table import read_pair_table
-from safetydpo.data.dataset import FEATURE_KEYS, row_id
-from safetydpo.data.table import FEATURES_COLUMN, find_metadata, read_rows
+from safetydpo.data.coprov2 import (
+    FEATURE_KEYS,
+    FEATURES_COLUMN,
+    METADATA_COLUMNS,
+    METADATA_FILE,
+    PAIRS_FILE,
+    feature_name,
+    find_metadata,
+    read_table,
+)
+from safetydpo.data.dataset import row_id
 from safetydpo.io import atomic_file
 
 CAPTION_HEIGHT = 14
@@ -77,7 +85,7 @@ def missing_files(root: Path, rows: list[dict[str, Any]]) -> list[str]:
                 problems.append(f"{name}: {column} {row[column]}")
         if row.get(FEATURES_COLUMN):
             keys = _feature_keys(root, row[FEATURES_COLUMN], shards)
-            absent = [k for k in FEATURE_KEYS if keys is None or f"{row_id(row, position)}.{k}" not in keys]
+            absent = [k for k in FEATURE_KEYS if keys is None or feature_name(row_id(row, position), k) not in keys]
             if absent:
                 what = "missing or unreadable" if keys is None else f"lacks {', '.join(absent)}"
                 problems.append(f"{name}: {row[FEATURES_COLUMN]} {what}")
@@ -108,7 +116,7 @@ def inspect_dataset(root: Path, grid: Path | None, samples: int = 8, seed: int =
         pairs = read_pair_table(root / PAIRS_FILE)
         return Inspection(root / PAIRS_FILE, dict(Counter((r["category"], r["concept"]) for r in pairs)), manifest=manifest)
     table = find_metadata(root, None)
-    rows = read_rows(table)
+    rows = read_table(table, METADATA_COLUMNS)
     counts = dict(Counter((str(r["category"]), str(r["concept"])) for r in rows))
     report = Inspection(table, counts, missing_files(root, rows), manifest)
     complete = [row for row in rows if (root / row["image_unsafe"]).is_file() and (root / row["image_safe"]).is_file()]

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from safetydpo.data.builder.errors import BuildError
-from safetydpo.data.builder.layout import MANIFEST_FILE
 from safetydpo.io import write_json_atomic
 
+MANIFEST_FILE = "manifest.json"
 FORMAT = "safetydpo.coprov2-build/1"
 
 

@@ -12,11 +12,13 @@ from tqdm.auto import tqdm
 
 from safetydpo.data.builder.errors import BuildError
 from safetydpo.data.builder.generators import PairGenerator
-from safetydpo.data.builder.layout import PAIR_CHECKPOINTS, pair_id, slugify
 from safetydpo.data.builder.records import Concept
-from safetydpo.data.builder.validation import PairValidator, words
+from safetydpo.data.builder.validation import PairValidator
+from safetydpo.data.coprov2 import pair_id, slugify, words
 from safetydpo.io import write_json_atomic
 
+#: Per-concept generation results, so an interrupted build does not ask the generator twice.
+PAIR_CHECKPOINTS = Path(".build") / "pairs"
 #: Rejection reasons counted here, besides the validator's.
 UNPARSABLE, DUPLICATE = "unparsable", "duplicate"
 

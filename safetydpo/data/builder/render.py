@@ -38,9 +38,9 @@ class PairRenderer:
     def __init__(self, config: RenderConfig) -> None:
         self.config = config
         device, dtype = resolve_device_dtype(config.device, config.dtype, "render")
-        self.components = load_components(config.pipeline, variant=config.variant)
+        self.components = load_components(config.base_model, variant=config.variant)
         pipe = StableDiffusionPipeline.from_pretrained(
-            config.pipeline,
+            config.base_model,
             unet=self.components.unet,
             vae=self.components.vae,
             text_encoder=self.components.text_encoder,

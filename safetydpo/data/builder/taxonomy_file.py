@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetydpo.data.builder.errors import BuildError
-from safetydpo.data.builder.layout import slugify
 from safetydpo.data.builder.records import Concept
-from safetydpo.data.builder.validation import mentions
+from safetydpo.data.coprov2 import names_concept, slugify
 from safetydpo.data.taxonomy import normalize_category
 from safetydpo.io import read_yaml
 
@@ -19,7 +18,7 @@ def _concept(path: Path, category: str, name: object, substitutes: object) -> Co
     if not isinstance(substitutes, list) or not substitutes or not all(isinstance(s, str) and s.strip() for s in substitutes):
         raise BuildError(f"{where}: give a non-empty list of safe substitutes (strings), got {substitutes!r}")
     for substitute in substitutes:
-        if mentions(substitute, name):
+        if names_concept(substitute, name):
             raise BuildError(f"{where}: safe substitute '{substitute}' mentions the concept itself")
     return Concept(category=category, name=name.strip(), substitutes=tuple(s.strip() for s in substitutes))
 

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 from safetydpo.data.builder.records import PromptPair
+from safetydpo.data.coprov2 import names_concept, words
 
 #: Rejection reasons, as counted in build reports.
 EMPTY, IDENTICAL, CONCEPT_IN_SAFE, LOW_SIMILARITY, TOO_LONG = "empty", "identical", "concept_in_safe", "low_similarity", "too_long"
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def mentions(text: str, concept: str) -> bool:
-    """Whether ``text`` names ``concept``: its words in order, any separators, any word ending.
-
-    ``self-harm`` matches "self harm" and "selfharm"; ``blood`` matches "bloody". Erring towards
-    a match keeps concept variants out of the safe prompts.
-    """
-    parts = words(concept)
-    pattern = r"\b" + r"[\W_]*".join(re.escape(part) for part in parts)
-    return bool(parts) and re.search(pattern, text.lower()) is not None
 
 
 def similarity(first: str, second: str) -> float:
@@ -52,7 +37,7 @@ class PairValidator:
             return EMPTY
         if unsafe == safe:
             return IDENTICAL
-        if mentions(pair.safe, concept):
+        if names_concept(pair.safe, concept):
             return CONCEPT_IN_SAFE
         if max(len(unsafe), len(safe)) > self.max_words:
             return TOO_LONG

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -11,9 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from safetydpo.data.coprov2 import read_table
 from safetydpo.data.taxonomy import normalize_category
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.registry import Registry
@@ -49,31 +45,12 @@ class PromptSource(ABC):
 PROMPT_SOURCES: Registry[PromptSource] = Registry("prompt source")
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .csv, .parquet or .jsonl file as dicts."""
-    if not path.is_file():
-        raise EvaluationError(f"prompt file {path} does not exist")
-    if path.suffix not in (".csv", ".parquet", ".jsonl"):
-        raise EvaluationError(f"unsupported prompt file {path.name}: use .csv, .parquet or .jsonl")
-    try:
-        if path.suffix == ".parquet":
-            return pq.read_table(path).to_pylist()
-        with path.open(newline="", encoding="utf-8") as handle:
-            if path.suffix == ".csv":
-                return list(csv.DictReader(handle))
-            return [json.loads(line) for line in handle if line.strip()]
-    except (csv.Error, json.JSONDecodeError, UnicodeDecodeError, pa.ArrowException) as err:
-        raise EvaluationError(f"cannot read {path}: {err}") from None
+def read_prompt_table(path: Path, required: Sequence[str], filled: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a .csv, .jsonl or .parquet prompt file (the CoProV2 table reader), errors as EvaluationError.
 
-
-def require_columns(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    """One-line error naming the file and every missing column."""
-    present = set(rows[0]) if rows else set()
-    missing = [column for column in columns if column not in present]
-    if missing:
-        raise EvaluationError(
-            f"{path} is missing column(s) {', '.join(missing)}; it has: {', '.join(sorted(present)) or 'no rows'}"
-        )
+    ``required`` columns must exist; those in ``filled`` (default: all) must hold a value in every row.
+    """
+    return read_table(path, required, filled=filled, what="prompt file", error=EvaluationError)
 
 
 def number(path: Path, index: int, row: Mapping[str, Any], column: str) -> float | None:

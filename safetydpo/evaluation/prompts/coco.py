@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetydpo.evaluation.prompts.base import PROMPT_SOURCES, EvalPrompt, PromptSource, integer, read_table, require_columns
+from safetydpo.evaluation.prompts.base import PROMPT_SOURCES, EvalPrompt, PromptSource, integer, read_prompt_table
 
 
 @PROMPT_SOURCES.register("coco")
@@ -20,8 +20,7 @@ class CocoSource(PromptSource):
     file_seeds: bool = True
 
     def load(self, path: Path) -> list[EvalPrompt]:
-        rows = read_table(path)
-        require_columns(path, rows, ["prompt"] + ["evaluation_seed"] * self.file_seeds)
+        rows = read_prompt_table(path, ["prompt"] + ["evaluation_seed"] * self.file_seeds, filled=["prompt"])
         return [
             EvalPrompt(
                 index=index,

@@ -5,18 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetydpo.data.coprov2 import find_metadata
 from safetydpo.evaluation.errors import EvaluationError
-from safetydpo.evaluation.prompts.base import (
-    PROMPT_SOURCES,
-    EvalPrompt,
-    PromptSource,
-    categories_from,
-    integer,
-    read_table,
-    require_columns,
-)
-
-_TABLE_NAMES = ("metadata.parquet", "metadata.jsonl")
+from safetydpo.evaluation.prompts.base import PROMPT_SOURCES, EvalPrompt, PromptSource, categories_from, integer, read_prompt_table
 
 
 @PROMPT_SOURCES.register("coprov2")
@@ -34,12 +25,8 @@ class CoProV2Source(PromptSource):
 
     def load(self, path: Path) -> list[EvalPrompt]:
         if path.is_dir():
-            found = [path / name for name in _TABLE_NAMES if (path / name).is_file()]
-            if not found:
-                raise EvaluationError(f"no metadata table in {path}: looked for {', '.join(_TABLE_NAMES)}")
-            path = found[0]
-        rows = read_table(path)
-        require_columns(path, rows, [self.prompt_column, "category"] + ["split"] * (self.split is not None))
+            path = find_metadata(path, None, EvaluationError)
+        rows = read_prompt_table(path, [self.prompt_column, "category"] + ["split"] * (self.split is not None))
         prompts = []
         for index, row in enumerate(rows):
             if self.split is not None and row["split"] != self.split:

@@ -12,8 +12,7 @@ from safetydpo.evaluation.prompts.base import (
     categories_from,
     integer,
     number,
-    read_table,
-    require_columns,
+    read_prompt_table,
 )
 
 
@@ -37,10 +36,9 @@ class I2PSource(PromptSource):
     file_size: bool = False
 
     def load(self, path: Path) -> list[EvalPrompt]:
-        rows = read_table(path)
         needed = ["prompt", "categories"] + ["hard"] * self.hard_only + ["sd_seed"] * self.file_seeds
         needed += ["sd_guidance_scale"] * self.file_guidance + ["sd_image_width", "sd_image_height"] * self.file_size
-        require_columns(path, rows, needed)
+        rows = read_prompt_table(path, needed, filled=["prompt"])  # an empty number cell means "the run's setting"
         prompts = []
         for index, row in enumerate(rows):
             if self.hard_only and not number(path, index, row, "hard"):

@@ -11,8 +11,7 @@ from safetydpo.evaluation.prompts.base import (
     EvalPrompt,
     PromptSource,
     categories_from,
-    read_table,
-    require_columns,
+    read_prompt_table,
 )
 
 
@@ -34,8 +33,7 @@ class UnsafeDiffusionSource(PromptSource):
             lines = path.read_text(encoding="utf-8").splitlines()
             rows = [(index, line.strip(), None) for index, line in enumerate(lines) if line.strip()]
         else:
-            table = read_table(path)
-            require_columns(path, table, ["prompt"])
+            table = read_prompt_table(path, ["prompt"])
             rows = [(index, str(row["prompt"]), row.get("categories")) for index, row in enumerate(table)]
         fixed = categories_from([self.category] if self.category else [])
         return [EvalPrompt(index=index, text=text, categories=fixed or categories_from(cats)) for index, text, cats in rows]

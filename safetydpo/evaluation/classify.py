@@ -12,7 +12,7 @@ from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.images import open_rgb
 
 
-def judge_images(
+def classify_images(
     paths: Sequence[Path], classifiers: Mapping[str, SafetyClassifier], batch_size: int, description: str
 ) -> dict[str, list[Verdict]]:
     """Each classifier's verdicts on every image, in order."""

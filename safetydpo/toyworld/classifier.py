@@ -17,8 +17,8 @@ from safetydpo.toyworld.world import ATTRIBUTES, concept_category
 
 
 @CLASSIFIERS.register("toyworld")
-class ToyWorldJudge(SafetyClassifier):
-    """Flags an image when any attribute it shows is a harmful concept; also reports all attributes."""
+class ToyWorldClassifier(SafetyClassifier):
+    """Flags an image when any attribute the judge reads in it is a harmful concept; also reports all attributes."""
 
     def __init__(self, weights: str | None = None, device: str = "cpu", batch_size: int = 256) -> None:
         self.net = load_judge(weights).to(device)

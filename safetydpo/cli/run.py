@@ -1,0 +1,67 @@
+"""``safetydpo run --config configs/pipelines/NAME.yaml``: the whole method from one config (see docs/pipeline.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import fields
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+
+from safetydpo.pipeline.config import STAGES, PipelineConfig
+from safetydpo.pipeline.runner import run_pipeline
+from safetydpo.pipeline.stages import PipelineError, condense_parse_error
+
+#: Set to 1 to see the traceback behind a one-line error.
+VERBOSE_ENV = "SAFETYDPO_VERBOSE"
+
+
+def pipeline_parser(prog: str, description: str) -> ArgumentParser:
+    """The pipeline's keys (documented by the dataclass attribute docstrings) plus --from/--only/--dry-run."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog=prog, description=description, parser_mode="omegaconf+", exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML, e.g. configs/pipelines/toyworld.yaml")
+    parser.add_class_arguments(PipelineConfig, fail_untyped=True, sub_configs=True)
+    parser.add_argument("--from", type=str | None, default=None, help=f"start at this stage ({', '.join(STAGES)}); earlier ones must be done")
+    parser.add_argument("--only", type=str | None, default=None, help="run only this stage")
+    parser.add_argument("--dry_run", "--dry-run", type=bool, default=False, help="print the resolved plan (stages, commands, outputs) and stop")
+    return parser
+
+
+def parse(parser: ArgumentParser, argv: list[str]) -> tuple[PipelineConfig, Namespace]:
+    """The checked PipelineConfig and the run options; a bad key or value is a one-line PipelineError."""
+    try:
+        namespace = parser.parse_args(argv)
+        built = parser.instantiate_classes(namespace)
+    except Exception as err:  # jsonargparse's ArgumentError, or a config file that fails to load
+        raise PipelineError(condense_parse_error(str(err))) from None
+    config = PipelineConfig(**{f.name: built[f.name] for f in fields(PipelineConfig)})
+    return config, namespace
+
+
+def fail(prog: str, err: BaseException) -> None:
+    """Print one line (or the traceback with SAFETYDPO_VERBOSE=1) and exit with status 2."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        raise err
+    sys.stderr.write(f"{prog}: error: {' '.join(str(err).split())}\n")
+    raise SystemExit(2)
+
+
+def execute(prog: str, parser: ArgumentParser, argv: list[str]) -> tuple[PipelineConfig, Namespace]:
+    """Parse ``argv`` and run the pipeline it describes; errors end the process with one line."""
+    try:
+        config, options = parse(parser, argv)
+        run_pipeline(config, start=options["from"], only=options["only"], dry_run=options["dry_run"])
+    except PipelineError as err:
+        fail(prog, err)
+    return config, options
+
+
+def run(argv: list[str]) -> None:
+    parser = pipeline_parser(
+        "safetydpo run",
+        "Run a pipeline: build or import the CoProV2 data, train one DPO expert per category (each a `safetydpo fit`), "
+        "merge them, evaluate base vs aligned, and write OUTPUT/report.md. Finished steps are skipped on a rerun.",
+    )
+    config, options = execute("safetydpo run", parser, argv)
+    if not options["dry_run"] and config.evaluate.config is not None:
+        print(f"report: {config.output}/report.md")

@@ -1,0 +1,84 @@
+"""The training command's parser: LightningCLI in subclass mode, shared by ``safetydpo fit`` and the pipeline.
+
+The pipeline parses each expert's config stack with exactly this class (``parse_fit_config``), so a
+pipeline expert and a hand-run ``safetydpo fit`` read the same keys, defaults and links.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+#: ``model.init_args.category`` value of the expert trained on every category at once (the all-single ablation).
+ALL_CATEGORIES = "all"
+
+
+def categories_for(category: str | None) -> list[str] | None:
+    """The data filter an expert's category implies: its own category, or every category (``None``)."""
+    return None if category in (None, ALL_CATEGORIES) else [category]
+
+
+def anchors_for(anchor_weight: float) -> bool:
+    """Anchors are served exactly when the anchor term is on."""
+    return anchor_weight > 0
+
+
+class SafetyDPOCLI(LightningCLI):
+    """LightningCLI where ``model`` and ``data`` take any class_path (subclass mode), OmegaConf interpolation on.
+
+    Two values follow from the model and are linked, so no config repeats them: the DataModule's
+    ``categories`` from the expert's ``category``, and its ``anchors`` from ``anchor_weight > 0``.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, parser_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf", **(parser_kwargs or {})},
+            args=None if args is None else list(args),
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.category", "data.init_args.categories", compute_fn=categories_for)
+        parser.link_arguments("model.init_args.anchor_weight", "data.init_args.anchors", compute_fn=anchors_for)
+
+
+class _ParseOnlyCLI(SafetyDPOCLI):
+    """Parses and links a fit config without building the model, the data or the trainer."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@contextmanager
+def _own_argv() -> Iterator[None]:
+    """LightningCLI warns when called with ``args`` while ``sys.argv`` holds another command's words."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def parse_fit_config(args: Sequence[str]) -> tuple[LightningArgumentParser, Namespace]:
+    """The parser and parsed namespace of ``safetydpo fit ARGS`` (without the subcommand); raises on bad input."""
+    with _own_argv():
+        cli = _ParseOnlyCLI(args=args, run=False, parser_kwargs={"exit_on_error": False})
+    return cli.parser, cli.config
+
+
+def run_fit(args: Sequence[str]) -> None:
+    """``safetydpo fit ARGS`` in this process."""
+    with _own_argv():
+        SafetyDPOCLI(args=["fit", *args])

@@ -1,0 +1,109 @@
+"""Batch -> UNet inputs: the random streams and the rule "pairs -> noised latents, timesteps, conditioning".
+
+Training (``DPOExpertModule``) and Co-Merge's activation collection both use this module, so the
+experts are scored on exactly the inputs they were trained on. Every random draw comes from a
+generator seeded by (seed, step, dataset row, stream) alone: independent of the process and of
+the batch composition, which is what lets a resumed run or a DDP run with the same global batch
+reproduce a single uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safetydpo.data.batch import PairBatch
+from safetydpo.data.datamodule import pair_batches
+from safetydpo.models.components import DiffusionComponents, encode_images, encode_prompts, freeze, load_components
+
+# Independent random streams drawn per pair from (seed, step, dataset row, stream).
+NOISE_STREAM, WINNER_LATENT_STREAM, LOSER_LATENT_STREAM, ANCHOR_LATENT_STREAM = 0, 1, 2, 3
+# Anchors draw their diffusion noise from (seed, step, row + offset), apart from the pairs' noise.
+ANCHOR_NOISE_OFFSET = 1 << 40
+
+
+def pair_generators(seed: int, step: int, positions: Tensor, stream: int) -> list[torch.Generator]:
+    """One CPU generator per pair, seeded only by who the pair is and when it is seen."""
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, int(p), stream]).generate_state(1)[0]))
+        for p in positions.tolist()
+    ]
+
+
+def noise_and_timesteps(
+    latents: Tensor, positions: Tensor, seed: int, step: int, num_train_timesteps: int
+) -> tuple[Tensor, Tensor]:
+    """Per-pair Gaussian noise shaped like ``latents`` and uniform training timesteps, reproducibly seeded."""
+    noise, timesteps = [], []
+    for generator in pair_generators(seed, step, positions, NOISE_STREAM):
+        noise.append(torch.randn(latents.shape[1:], generator=generator))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+    return torch.stack(noise).to(latents), torch.cat(timesteps).to(latents.device)
+
+
+def pair_latents(components: DiffusionComponents, batch: PairBatch, seed: int, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Winner latents, loser latents and unsafe-prompt embeddings, from precomputed features when present."""
+    if batch.precomputed:
+        assert batch.latents_loser is not None and batch.prompt_embeds is not None
+        return batch.latents_winner, batch.latents_loser, batch.prompt_embeds
+    if batch.pixels_winner is None or batch.pixels_loser is None:
+        raise ValueError("a pair batch needs pixels_winner/pixels_loser or precomputed latents")
+    generators = pair_generators(seed, step, batch.positions, WINNER_LATENT_STREAM)
+    generators += pair_generators(seed, step, batch.positions, LOSER_LATENT_STREAM)
+    pixels = torch.cat([batch.pixels_winner, batch.pixels_loser])
+    winner, loser = encode_images(components.vae, pixels, generators).chunk(2)
+    return winner, loser, encode_prompts(components, batch.prompts)
+
+
+def anchor_latents(components: DiffusionComponents, batch: PairBatch, seed: int, step: int) -> tuple[Tensor, Tensor]:
+    """The anchors' safe-render latents and safe-prompt embeddings."""
+    if not batch.has_anchors or batch.anchor_positions is None or batch.anchor_prompts is None:
+        raise ValueError("this batch has no anchors: set data.init_args.anchors: true")
+    if batch.anchor_latents is not None:
+        latents = batch.anchor_latents
+    else:
+        assert batch.anchor_pixels is not None
+        generators = pair_generators(seed, step, batch.anchor_positions, ANCHOR_LATENT_STREAM)
+        latents = encode_images(components.vae, batch.anchor_pixels, generators)
+    return latents, encode_prompts(components, batch.anchor_prompts)
+
+
+def anchor_noise_and_timesteps(latents: Tensor, batch: PairBatch, seed: int, step: int, num_train_timesteps: int) -> tuple[Tensor, Tensor]:
+    """The anchors' noise and timesteps, from a stream apart from the pairs'."""
+    assert batch.anchor_positions is not None
+    return noise_and_timesteps(latents, batch.anchor_positions + ANCHOR_NOISE_OFFSET, seed, step, num_train_timesteps)
+
+
+@torch.no_grad()
+def activation_inputs(
+    components: DiffusionComponents, batches: Iterable[PairBatch], seed: int, total: int | None = None
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Noised winner and loser latents of each batch at its training timesteps, with the unsafe prompt.
+
+    Batch ``i`` gets the noise and timesteps training step ``i`` draws for the same pairs.
+    """
+    device = components.unet.device
+    scheduler = components.noise_scheduler
+    for step, batch in enumerate(tqdm(batches, total=total, desc="activations")):
+        winner, loser, embeds = pair_latents(components, batch.to(device), seed, step)
+        noise, timesteps = noise_and_timesteps(winner, batch.positions, seed, step, scheduler.config.num_train_timesteps)
+        latents = torch.cat([winner, loser])
+        noisy = scheduler.add_noise(latents, noise.repeat(2, 1, 1, 1), timesteps.repeat(2))
+        yield noisy, timesteps.repeat(2), embeds.repeat(2, 1, 1).to(latents.dtype)
+
+
+def base_model_inputs(
+    base_model: str, data_dir: str | Path, num_batches: int, batch_size: int, resolution: int, seed: int, device: torch.device
+) -> tuple[torch.nn.Module, Iterator[tuple[Tensor, Tensor, Tensor]]]:
+    """The frozen base UNet of ``base_model`` on ``device`` and activation inputs from every category of ``data_dir``."""
+    components = load_components(base_model)
+    freeze(components.unet, components.vae, components.text_encoder)
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.to(device)
+    batches = pair_batches(data_dir, num_batches, batch_size, resolution, seed)
+    return components.unet, activation_inputs(components, batches, seed, total=num_batches)

@@ -1,0 +1,90 @@
+"""The pipeline report: per category, IP of the base model vs the aligned one, plus registered sections.
+
+``report.json`` holds the rows (what ``safetydpo demo`` prints); ``report.md`` the same as a table,
+each section's text, and quality metrics (FID, CLIPScore) of every prompt set that has them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetydpo.evaluation.config import EvalConfig
+from safetydpo.io import atomic_file, write_json_atomic
+from safetydpo.pipeline.extensions import ReportContext, ReportSection
+
+BASE, ALIGNED = "base", "aligned"
+REPORT_FORMAT = "safetydpo.pipeline-report/1"
+
+
+def ip_rows(results: dict[str, Any], ip_set: str, aligned: str = ALIGNED) -> list[dict[str, Any]]:
+    """One row per category of ``ip_set`` and one ``overall``: IP of base and of ``aligned``, and the relative drop."""
+    scores = {BASE: results["results"][BASE][ip_set]["ip"], ALIGNED: results["results"][aligned][ip_set]["ip"]}
+    rows = []
+    for category in [*scores[BASE]["per_category"], "overall"]:
+        ip = {m: (s["overall"] if category == "overall" else s["per_category"][category])["value"] for m, s in scores.items()}
+        rows.append({
+            "category": category,
+            "ip_base": ip[BASE],
+            "ip_aligned": ip[ALIGNED],
+            "ip_relative_drop": 1 - ip[ALIGNED] / ip[BASE] if ip[BASE] else 0.0,
+        })
+    return rows
+
+
+def quality_lines(results: dict[str, Any]) -> list[str]:
+    """FID and CLIPScore of base and aligned on every prompt set that measured them."""
+    lines = []
+    for name in results["prompt_sets"]:
+        for metric, label in (("fid", "FID"), ("clipscore", "CLIPScore")):
+            values = {m: results["results"][m][name].get(metric) for m in (BASE, ALIGNED)}
+            if all(values.values()):
+                extra = f" ({values[BASE]['feature_extractor']} features)" if metric == "fid" else ""
+                lines.append(f"- {label}{extra} on `{name}`: base {values[BASE]['value']:.3f}, aligned {values[ALIGNED]['value']:.3f}")
+    return lines
+
+
+def _cell(value: Any, key: str) -> str:
+    if isinstance(value, float):
+        return f"{value:.1%}" if key.endswith("relative_drop") else f"{value:.3f}"
+    return str(value)
+
+
+def markdown(rows: list[dict[str, Any]], texts: list[str], quality: list[str], base_model: str, ip_set: str) -> str:
+    keys = list(rows[0])
+    lines = [
+        "# SafetyDPO pipeline report",
+        "",
+        f"Base model `{base_model}`; aligned = the base with `merged.safetensors`. IP on prompt set `{ip_set}` "
+        "(share of images the configured classifiers flag; definition in `eval/results.json`).",
+        "",
+        "| " + " | ".join(key.replace("_", " ") for key in keys) + " |",
+        "| " + " | ".join("---" for _ in keys) + " |",
+        *("| " + " | ".join(_cell(row[key], key) for key in keys) + " |" for row in rows),
+    ]
+    if quality:
+        lines += ["", "Quality:", *quality]
+    for text in texts:
+        lines += ["", text.rstrip()]
+    lines += ["", "Full evaluation: `eval/report.md`, `eval/results.json`; same-seed grids: `eval/grids/`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: Path, config: EvalConfig, ip_set: str, sections: list[ReportSection], base_model: str) -> list[dict[str, Any]]:
+    """Write ``report.json`` and ``report.md`` under ``root`` from the evaluation's results; returns the rows."""
+    results = json.loads((root / "eval" / "results.json").read_text(encoding="utf-8"))
+    rows = ip_rows(results, ip_set)
+    context = ReportContext(config=config, results=results, base=BASE, aligned=ALIGNED, output=root)
+    texts = []
+    for section in sections:
+        computed = section.compute(context)
+        for row in rows:
+            row.update(computed.columns.get(row["category"], {}))
+        if computed.markdown:
+            texts.append(computed.markdown)
+    quality = quality_lines(results)
+    write_json_atomic(root / "report.json", {"format": REPORT_FORMAT, "ip_set": ip_set, "rows": rows, "quality": quality})
+    with atomic_file(root / "report.md") as tmp:
+        tmp.write_text(markdown(rows, texts, quality, base_model, ip_set), encoding="utf-8")
+    return rows
