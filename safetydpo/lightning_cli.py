@@ -54,7 +54,10 @@ class SafetyDPOCLI(LightningCLI):
 
 
 class _ParseOnlyCLI(SafetyDPOCLI):
-    """Parses and links a fit config without building the model, the data or the trainer."""
+    """Parses and links a fit config without building the model, the data or the trainer, or seeding."""
+
+    def _set_seed(self) -> None:
+        """Planning must not reseed the process: the fit run seeds itself when it starts."""
 
     def instantiate_classes(self) -> None:
         pass

@@ -47,10 +47,13 @@ def test_sd15_benchmark_on_gpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_merge_ablation_prints_ip_per_category_for_each_method(tmp_path: Path) -> None:
-    small = ["--pairs-per-concept", "6", "--expert-steps", "10", "--batch-size", "8", "--images-per-prompt", "1",
-             "--render-steps", "8", "--merge-batches", "1", "--reference-renders", "1", "--all-single-steps", "20"]
+    small = ["--all-single-steps", "20", "--variables.sampling_steps", "8", "--evaluate.images_per_prompt", "1",
+             "--data.overrides", "{render: {steps: 8}, pairs: {per_concept: 6}}",
+             "--experts.overrides", "{trainer: {max_steps: 10}, data: {init_args: {batch_size: 8}}}",
+             "--merge.num_batches", "1", "--merge.batch_size", "8",
+             "--evaluate.assets", "[{name: toyworld_heldout, seed: 0, reference_renders: 1}]"]
     result = run([sys.executable, str(REPO / "benchmarks" / "merge_ablation.py"), "--output", str(tmp_path / "demo"),
-                  "--methods", "comerge", "linear", *small], cwd=tmp_path)
+                  "--methods", "comerge", "linear", *small], cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in result.stdout.splitlines()
              if line.split() and line.split()[0] in {"base", "comerge", "linear", "all_single"}}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import re
 import typing
 from pathlib import Path
@@ -57,6 +59,10 @@ def test_every_pipeline_key_is_in_docs_and_help() -> None:
     text = (DOCS / "pipeline.md").read_text(encoding="utf-8")
     assert all(f"`{key.rsplit('.', 1)[1]}`" in text for key in table_keys)
     help_text = pipeline_parser("safetydpo run", "").format_help()
+    table_help = io.StringIO()
+    with contextlib.redirect_stdout(table_help), pytest.raises(SystemExit):  # the optional section's own help
+        pipeline_parser("safetydpo run", "").parse_args(["--data.table.help", "ImportConfig"])
+    help_text += table_help.getvalue()
     for key in keys:
         assert f"--{key} " in help_text or f"--{key}\n" in help_text or f"--{key}," in help_text, key
 

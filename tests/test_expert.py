@@ -248,7 +248,7 @@ def test_anchor_term_is_the_weighted_drift_from_the_reference(tiny_pipeline_dir:
     assert torch.equal(plain_errors.policy_winner, errors.policy_winner), "anchors share the forward pass without changing the pairs"
     plain = violence_data(synthetic_data_dir)
     plain.setup("fit")
-    with pytest.raises(ValueError, match="anchor_weight > 0 needs anchors in the batches: set data.anchors: true"):
+    with pytest.raises(ValueError, match="anchor_weight > 0 needs anchors in the batches: set data.init_args.anchors: true"):
         module.preference_step(next(iter(plain.train_dataloader())), step=0)
 
 

@@ -70,7 +70,7 @@ def test_sd15_pipeline_dry_run_on_an_sd15_folder(tmp_path: Path) -> None:
         (["--from", "train"], "--from 'train' is not a stage; valid choices: data, experts, merge, evaluate, report"),
         (["--base_model", "/no/such/model"], "base_model '/no/such/model' is not a diffusers pipeline folder"),
         (["--experts.overrides", '{"model": {"init_args": {"learning_rat": 1}}}'],
-         "experts.config configs/expert.yaml (hate): model: Option 'learning_rat' is not accepted; valid keys: base_model, loss,"),
+         "experts.config configs/expert.yaml (hate): model.init_args: Option 'learning_rat' is not accepted; valid keys: base_model, loss,"),
         (["--experts.categories", "[]"], "experts.categories is empty"),
         (["--merge.method", "mystery"], "merge.method: unknown merge method 'mystery'; valid choices: cat, comerge,"),
         (["--only", "merge"], "stage merge needs "),
@@ -88,12 +88,20 @@ def test_bad_pipeline_input_is_one_line_before_any_stage(tmp_path: Path, args: l
     assert not (out / "data").exists(), "nothing ran"
 
 
-def test_unknown_key_in_a_pipeline_file_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"base_model": "x", "stages": {"data": {}}}, "unknown key 'stages'; valid keys: base_model, output, variables, data, experts,"),
+        ({"base_model": "x", "merge": {"metod": "comerge"}}, "unknown key 'merge.metod'; valid keys of merge: method, num_batches,"),
+        ({"base_model": "x", "data": {"table": {"pat": "t.csv"}}}, "unknown key 'data.table.pat'; valid keys of data.table: path, layout,"),
+    ],
+)
+def test_unknown_key_in_a_pipeline_file_is_named(tmp_path: Path, content: dict, message: str) -> None:
     config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump({"base_model": "x", "stages": {"data": {}}}), encoding="utf-8")
+    config.write_text(yaml.safe_dump(content), encoding="utf-8")
     result = safetydpo("run", "--config", str(config), "--dry-run")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "stages" in result.stderr
+    assert f"{config}: {message}" in result.stderr
 
 
 def tiny_run_args(tiny_pipeline_dir: Path, tmp_path: Path) -> list[str]:
@@ -146,10 +154,10 @@ def test_sd15_pipeline_runs_end_to_end_on_the_tiny_pipeline_and_resumes(tiny_pip
     merged = json.loads((out / "merged.json").read_text())
     assert merged["method"] == "comerge" and len(merged["experts"]) == 7 and merged["base_model"] == str(tiny_pipeline_dir)
     report = json.loads((out / "report.json").read_text())
-    assert [row["category"] for row in report["rows"]] == ["violence", "hate", "harassment", "overall"]
+    assert [row["category"] for row in report["rows"]] == ["harassment", "hate", "violence", "overall"]
     assert all(0.0 <= row[key] <= 1.0 for row in report["rows"] for key in ("ip_base", "ip_aligned"))
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert list(results["models"]) == ["base", "aligned"] and results["models"]["aligned"]["lora"] == str(out / "merged.safetensors")
+    assert set(results["models"]) == {"base", "aligned"} and results["models"]["aligned"]["lora"] == str(out / "merged.safetensors")
 
     again = safetydpo("run", *args)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 11, again.stdout

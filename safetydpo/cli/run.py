@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import fields
+
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
-from safetydpo.pipeline.config import STAGES, PipelineConfig
+from safetydpo.io import read_yaml
+from safetydpo.pipeline.config import STAGES, PipelineConfig, from_dict, unknown_key
 from safetydpo.pipeline.runner import run_pipeline
 from safetydpo.pipeline.stages import PipelineError, condense_parse_error
 
@@ -23,19 +25,36 @@ def pipeline_parser(prog: str, description: str) -> ArgumentParser:
     parser.add_class_arguments(PipelineConfig, fail_untyped=True, sub_configs=True)
     parser.add_argument("--from", type=str | None, default=None, help=f"start at this stage ({', '.join(STAGES)}); earlier ones must be done")
     parser.add_argument("--only", type=str | None, default=None, help="run only this stage")
-    parser.add_argument("--dry_run", "--dry-run", type=bool, default=False, help="print the resolved plan (stages, commands, outputs) and stop")
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the resolved plan (stages, commands, outputs) and stop")
     return parser
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The files given as ``--config FILE`` or ``--config=FILE``."""
+    found = [value for flag, value in zip(argv, argv[1:]) if flag == "--config"]
+    return found + [word.split("=", 1)[1] for word in argv if word.startswith("--config=")]
+
+
+def check_config_file(path: str) -> None:
+    """A pipeline file that exists, is a YAML mapping and holds only known keys, else one line naming it."""
+    data = read_yaml(path, "pipeline config", PipelineError)
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a pipeline config is a mapping of keys ({', '.join(f.name for f in fields(PipelineConfig))})")
+    problem = unknown_key(data)
+    if problem:
+        raise PipelineError(f"{path}: {problem}")
 
 
 def parse(parser: ArgumentParser, argv: list[str]) -> tuple[PipelineConfig, Namespace]:
     """The checked PipelineConfig and the run options; a bad key or value is a one-line PipelineError."""
+    for path in config_files(argv):
+        check_config_file(path)
     try:
         namespace = parser.parse_args(argv)
-        built = parser.instantiate_classes(namespace)
     except Exception as err:  # jsonargparse's ArgumentError, or a config file that fails to load
         raise PipelineError(condense_parse_error(str(err))) from None
-    config = PipelineConfig(**{f.name: built[f.name] for f in fields(PipelineConfig)})
-    return config, namespace
+    values = namespace.as_dict()
+    return from_dict({f.name: values[f.name] for f in fields(PipelineConfig)}), namespace
 
 
 def fail(prog: str, err: BaseException) -> None:

@@ -12,6 +12,8 @@ stacked configs) is relative to the working directory, as in all of the project'
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,3 +134,42 @@ class PipelineConfig:
 
 #: The stages, in the order they run.
 STAGES: tuple[str, ...] = ("data", "experts", "merge", "evaluate", "report")
+
+
+def _section(hint: Any) -> type | None:
+    """The dataclass a field holds (``ImportConfig | None`` included), or ``None`` for a plain value."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return typing.cast(type, candidate)
+    return None
+
+
+def unknown_key(data: dict[str, Any], cls: type = PipelineConfig, prefix: str = "") -> str | None:
+    """The first key of ``data`` no field of ``cls`` (or of its sections) takes, with the valid choices.
+
+    jsonargparse accepts an unknown key whose value is an empty mapping (``stages: {data: {}}``)
+    without a word, and names no file; this check covers every pipeline file the same way.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if key not in names:
+            where = f" of {prefix.rstrip('.')}" if prefix else ""
+            return f"unknown key '{prefix}{key}'; valid keys{where}: {', '.join(names)}"
+        section = _section(hints[key])
+        if section is not None and isinstance(value, dict):
+            found = unknown_key(value, section, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
+def from_dict(data: dict[str, Any], cls: type = PipelineConfig) -> Any:
+    """``cls`` built from parsed values; free-form mappings (overrides) stay plain data, never objects."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            section, value = _section(hints[f.name]), data[f.name]
+            values[f.name] = from_dict(value, section) if section is not None and isinstance(value, dict) else value
+    return cls(**values)

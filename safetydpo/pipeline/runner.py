@@ -77,9 +77,9 @@ def run_pipeline(
         for stage in stages:
             todo = [s for s in chosen if s.stage == stage]
             if not todo:
-                echo(f"[pipeline] {stage}: not configured")
+                echo(f"[pipeline] stage {stage}: not configured")
                 continue
-            echo(f"[pipeline] {stage}: start ({len(todo)} step{'s' if len(todo) > 1 else ''})")
+            echo(f"[pipeline] stage {stage}: start ({len(todo)} step{'s' if len(todo) > 1 else ''})")
             stage_start = time.perf_counter()
             for step in todo:
                 if is_current(step.output, step.hash, step.outputs):
@@ -93,5 +93,5 @@ def run_pipeline(
                 seconds = time.perf_counter() - step_start
                 write_record(step.output, step.name, step.hash, step.fingerprint, seconds)
                 echo(f"[pipeline] {step.name}: done in {elapsed(seconds)}")
-            echo(f"[pipeline] {stage}: done in {elapsed(time.perf_counter() - stage_start)}")
+            echo(f"[pipeline] stage {stage}: finished in {elapsed(time.perf_counter() - stage_start)}")
     return steps

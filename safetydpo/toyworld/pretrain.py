@@ -38,14 +38,23 @@ class PretrainSettings:
     """Steps and sizes of both stages; the defaults are the committed model's recipe."""
 
     seed: int = 0
+    """Seed of the weights, the scene stream and every batch."""
     vae_steps: int = 1600
+    """Stage 1: VAE training steps."""
     vae_batch_size: int = 32
+    """Stage 1: images per VAE step."""
     vae_learning_rate: float = 2e-3
+    """Stage 1: VAE learning rate."""
     diffusion_steps: int = 5000
+    """Stage 2: UNet + text encoder training steps."""
     diffusion_batch_size: int = 128
+    """Stage 2: captioned latents per step."""
     pool_size: int = 50_000
+    """Stage 2: scenes encoded once into the latent pool the steps draw from."""
     learning_rate: float = 1e-3
+    """Stage 2: UNet and text encoder learning rate."""
     prompt_dropout: float = 0.1
+    """Stage 2: share of captions replaced by the empty prompt (for classifier-free guidance)."""
 
 
 def build_vae() -> AutoencoderKL:
