@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,20 @@ def cli_env() -> dict[str, str]:
 
 def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``safetydpo ARGV`` in this process: exit code, stdout, stderr (bad-input checks without a 10 s start-up each)."""
+    from safetydpo.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:

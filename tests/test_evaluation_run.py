@@ -120,8 +120,15 @@ def test_rerun_reuses_cached_images_and_renders_only_missing_ones(
     log = capsys.readouterr().out
     assert "base: 4 cached image(s), 0 to render" in log and "aligned: 3 cached image(s), 1 to render" in log
     for path, (mtime, pixels) in before.items():
-        assert np.array_equal(np.asarray(Image.open(path)), pixels), "a re-rendered image is identical: seeds are per image"
         assert (path.stat().st_mtime_ns == mtime) == (path != images[1])
+        now = np.asarray(Image.open(path)).astype(int)
+        if path != images[1]:
+            assert np.array_equal(now, pixels), "a cached image is left as it was"
+        else:
+            # Seeds are per image, so the image rendered alone is the one rendered in a batch of 3, up to the
+            # float rounding a different GEMM size gives on a CPU (seen: one channel of one pixel off by 1).
+            assert np.abs(now - pixels).max() <= 1 and (now != pixels).mean() < 0.01
+            assert np.abs(now - np.asarray(Image.open(images[0])).astype(int)).mean() > 5, "another seed differs"
 
 
 def test_changed_render_settings_are_refused(cli_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from fixtures_train import run_main
 
 from safetydpo.merging import MERGES
 from safetydpo.merging.activations import _LayerProbe, collect_activations
@@ -205,12 +206,12 @@ def test_merge_command_writes_a_loadable_lora(tiny_pipeline_dir: Path, synthetic
         (["--method", "cat", "--bogus", "1"], r"unrecognized arguments: --bogus 1"),
     ],
 )
-def test_merge_command_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_merge_command_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
-    command = [str(BIN / "safetydpo"), "merge", "--experts", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "m.safetensors"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert re.search(message, result.stderr), result.stderr
+    argv = ["merge", "--experts", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "m.safetensors"), *args]
+    code, _, stderr = run_main(argv, capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert re.search(message, stderr), stderr
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_train import REPO, run
+from fixtures_train import REPO, run, run_main
 
 from safetydpo.toyworld.taxonomy import taxonomy
 
@@ -77,15 +77,25 @@ def test_sd15_pipeline_dry_run_on_an_sd15_folder(tmp_path: Path) -> None:
         (["--report.ip_set", "coco30k"], "report.ip_set: 'coco30k' is not a prompt set with metric ip; valid choices: i2p, coprov2_test"),
     ],
 )
-def test_bad_pipeline_input_is_one_line_before_any_stage(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_pipeline_input_is_one_line_before_any_stage(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = sd15_layout(tmp_path / "sd15")
     out = tmp_path / "out"
-    result = safetydpo("run", "--config", SD15, "--base_model", str(base), "--output", str(out), *args)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("safetydpo run: error: "), result.stderr
+    monkeypatch.chdir(REPO)
+    code, stdout, stderr = run_main(["run", "--config", SD15, "--base_model", str(base), "--output", str(out), *args], capsys)
+    assert code == 2, stdout[-2000:] + stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("safetydpo run: error: "), stderr
     assert message in lines[0]
     assert not (out / "data").exists(), "nothing ran"
+
+
+def test_the_executable_prints_the_same_one_line(tmp_path: Path) -> None:
+    """The installed `safetydpo` script, not only `main()`: exit code 2 and one line on stderr, no traceback."""
+    result = safetydpo("run", "--config", SD15, "--base_model", str(sd15_layout(tmp_path / "sd15")), "--from", "train")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "safetydpo run: error: --from 'train' is not a stage; valid choices: data, experts, merge, evaluate, report"], result.stderr
 
 
 @pytest.mark.parametrize(
@@ -96,12 +106,14 @@ def test_bad_pipeline_input_is_one_line_before_any_stage(tmp_path: Path, args: l
         ({"base_model": "x", "data": {"table": {"pat": "t.csv"}}}, "unknown key 'data.table.pat'; valid keys of data.table: path, layout,"),
     ],
 )
-def test_unknown_key_in_a_pipeline_file_is_named(tmp_path: Path, content: dict, message: str) -> None:
+def test_unknown_key_in_a_pipeline_file_is_named(
+    tmp_path: Path, content: dict, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(content), encoding="utf-8")
-    result = safetydpo("run", "--config", str(config), "--dry-run")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert f"{config}: {message}" in result.stderr
+    code, _, stderr = run_main(["run", "--config", str(config), "--dry-run"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"{config}: {message}" in stderr
 
 
 def tiny_run_args(tiny_pipeline_dir: Path, tmp_path: Path) -> list[str]:
