@@ -28,9 +28,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file normal permissions
     try:
         yield tmp
+        # mkstemp creates 0600, and so do writers that replace ``tmp`` with their own temporary file
+        # (safetensors' save_file): give the file the umask's permissions, so a cluster group can read it.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

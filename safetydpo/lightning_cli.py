@@ -12,8 +12,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from safetydpo.callbacks.progress import StepProgress
+from safetydpo.quiet import drop_log_messages
 
 #: ``model.init_args.category`` value of the expert trained on every category at once (the all-single ablation).
 ALL_CATEGORIES = "all"
@@ -37,6 +41,8 @@ class SafetyDPOCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, parser_kwargs: dict[str, Any] | None = None) -> None:
+        # Lightning's advertisements for its cloud products, printed by every fit.
+        drop_log_messages("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: ")
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -51,6 +57,15 @@ class SafetyDPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.category", "data.init_args.categories", compute_fn=categories_for)
         parser.link_arguments("model.init_args.anchor_weight", "data.init_args.anchors", compute_fn=anchors_for)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Add :class:`StepProgress` (steps, not epochs; lines in a log file) unless a bar is configured or disabled."""
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        has_bar = any(isinstance(callback, ProgressBar) for callback in [*configured, *callbacks])
+        if config.get("enable_progress_bar") is not False and not has_bar:
+            callbacks = [*callbacks, StepProgress()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 class _ParseOnlyCLI(SafetyDPOCLI):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,10 @@ def test_lightning_fit_writes_a_loadable_expert(tiny_pipeline_dir: Path, synthet
     config = tiny_config(tmp_path, tiny_pipeline_dir, synthetic_data_dir)
     result = run([str(BIN / "lightning"), "fit", "--config", str(config)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Without a terminal (stdout is a pipe here): lines in optimizer steps, a validation line, no epoch bar.
+    assert re.search(r"^expert violence: step 12/12 · loss -?\d+\.\d{3} · acc ", result.stdout, re.MULTILINE), result.stdout[-2000:]
+    assert re.search(r"^expert violence: validation at step \d+: loss ", result.stdout, re.MULTILINE)
+    assert "Epoch " not in result.stdout
     expert = tmp_path / "run" / "experts" / "violence.safetensors"
     card = json.loads(expert.with_suffix(".json").read_text())
     assert card["category"] == "violence" and card["steps"] == 12

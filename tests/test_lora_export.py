@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from safetydpo.models import DPOExpertModule, LoraSettings
+from safetydpo.io import atomic_file
 from safetydpo.lora_files import save_lora
+from safetydpo.models import DPOExpertModule, LoraSettings
 
 
 def randomised_expert(pipeline_dir: Path) -> DPOExpertModule:
@@ -69,3 +73,18 @@ def test_lora_file_name_must_be_safetensors(tiny_pipeline_dir: Path, tmp_path: P
     module = DPOExpertModule(str(tiny_pipeline_dir), lora=LoraSettings(rank=2))
     with pytest.raises(ValueError, match="must end in .safetensors"):
         save_lora(tmp_path / "expert.bin", module.lora_weights(), module.unet.peft_config["default"], {})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tiny_pipeline_dir: Path, tmp_path: Path, umask: int) -> None:
+    """safetensors writes its own 0600 temporary file; the renamed LoRA and card still get the umask's mode."""
+    module = randomised_expert(tiny_pipeline_dir)
+    previous = os.umask(umask)
+    try:
+        path = save_lora(tmp_path / "expert.safetensors", module.lora_weights(), module.unet.peft_config["default"], {})
+        with atomic_file(tmp_path / "shard.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(previous)
+    for written in (path, path.with_suffix(".json"), tmp_path / "shard.safetensors"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written.name

@@ -59,6 +59,10 @@ def test_pretraining_is_reproducible_and_loads(tmp_path: Path) -> None:
     assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == MAX_PROMPT_TOKENS
 
 
+#: What the demo printed before safetydpo.quiet: each is expected where it arises (reasons at the call sites).
+SILENCED = ("💡 Tip", "module(s) in eval mode", "Total length of `list`", "LeafSpec", "No LoRA keys associated", "Matrix is singular")
+
+
 @pytest.mark.slow
 def test_short_demo_lowers_ip(tmp_path: Path) -> None:
     """``safetydpo demo`` as a user runs it (from the repository root), its size shrunk by pipeline overrides."""
@@ -73,6 +77,8 @@ def test_short_demo_lowers_ip(tmp_path: Path) -> None:
     result = subprocess.run([str(Path(sys.executable).parent / "safetydpo"), "demo", *overrides], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "IP base" in result.stdout and f"report: {root}/report.md" in result.stdout
+    for expected in SILENCED:
+        assert expected not in result.stdout + result.stderr, f"silenced as expected in our use: {expected}"
     rows = json.loads((root / "report.json").read_text())["rows"]
     overall = rows[-1]
     assert overall["category"] == "overall" and sorted(r["category"] for r in rows[:-1]) == ["busy_textures", "dark_scenes", "hot_colors", "sharp_shapes"]

@@ -2,5 +2,6 @@
 
 from safetydpo.callbacks.comerge import CoMergeCallback
 from safetydpo.callbacks.lora_export import LoraExport
+from safetydpo.callbacks.progress import StepProgress
 
-__all__ = ["CoMergeCallback", "LoraExport"]
+__all__ = ["CoMergeCallback", "LoraExport", "StepProgress"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from safetydpo.lightning_cli import SafetyDPOCLI
+from safetydpo.quiet import VERBOSE_ENV
 
 #: The project's own subcommands (module in safetydpo.cli with a ``run(argv)``, summary); everything
 #: else goes to LightningCLI (fit/validate/test/predict). Modules load on use, keeping start-up light.
@@ -45,7 +47,8 @@ def registered_names() -> dict[str, list[str]]:
 
 def help_text() -> str:
     """``safetydpo --help``: the commands, then every registered name a config can use."""
-    lines = ["SafetyDPO commands:", *(f"  {name:<10} {summary}" for name, (_, summary) in PROJECT_COMMANDS.items())]
+    lines = ["usage: safetydpo [--verbose] COMMAND ...   (--verbose: show the library messages silenced as expected)", "",
+             "SafetyDPO commands:", *(f"  {name:<10} {summary}" for name, (_, summary) in PROJECT_COMMANDS.items())]
     lines += ["  fit, validate, test, predict: LightningCLI (see below)", "", "Registered names (usable in configs):"]
     lines += [f"  {kind}: {', '.join(names)}" for kind, names in registered_names().items()]
     return "\n".join(lines) + "\n"
@@ -53,10 +56,15 @@ def help_text() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``safetydpo``: the project's own subcommands, else LightningCLI (``argv=None`` reads sys.argv)."""
-    words = sys.argv[1:] if argv is None else argv
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] == "--verbose":
+        os.environ[VERBOSE_ENV] = "1"  # read where each library message is silenced (safetydpo.quiet)
+        words = words[1:]
+        if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv = [sys.argv[0], *words]
     if words and words[0] in PROJECT_COMMANDS:
         importlib.import_module(f"safetydpo.cli.{PROJECT_COMMANDS[words[0]][0]}").run(words[1:])
         return
     if not words or words[0] in ("-h", "--help"):
         print(help_text())
-    lightning_main(argv)
+    lightning_main(None if argv is None else words)

@@ -16,6 +16,7 @@ from safetydpo.data.coprov2 import FEATURES_COLUMN, METADATA_COLUMNS, DatasetErr
 from safetydpo.data.dataset import PreferencePairDataset
 from safetydpo.data.sampler import ResumableDistributedSampler
 from safetydpo.data.taxonomy import normalize_category
+from safetydpo.quiet import ignore_warnings
 
 
 def split_concepts(concepts: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -149,7 +150,11 @@ class CoProV2DataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         assert self.val_set is not None, "call setup() first"
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        if len(self.val_set):
+            return self._loader(self.val_set, shuffle=False)
+        # val_fraction 0 (or too few concepts to hold any out): no validation by design, which Lightning warns about.
+        ignore_warnings(r"Total length of `list` across ranks is zero")
+        return []
 
     def _loader(self, dataset: PreferencePairDataset, **kwargs: Any) -> DataLoader:
         workers = self.hparams.num_workers

@@ -24,6 +24,7 @@ from torch import Tensor
 from safetydpo.evaluation.clip import ClipEncoder, load_clip
 from safetydpo.evaluation.config import FidConfig
 from safetydpo.evaluation.errors import EvaluationError
+from safetydpo.quiet import ignore_warnings
 from safetydpo.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -158,4 +159,8 @@ def fid_from_features(features: np.ndarray, reference: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (clean-fid's implementation)."""
     mu, sigma = features.mean(axis=0), np.cov(features, rowvar=False)
     mu_ref, sigma_ref = reference.mean(axis=0), np.cov(reference, rowvar=False)
+    if min(len(features), len(reference)) <= features.shape[1]:
+        # Fewer images than feature dimensions: the covariance is singular by construction and scipy's sqrtm
+        # says so on every call; such an FID is a coarse signal (docs/evaluation.md), not a failure.
+        ignore_warnings(r"Matrix is singular")
     return float(frechet_distance(mu, sigma, mu_ref, sigma_ref))

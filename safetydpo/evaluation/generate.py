@@ -22,6 +22,7 @@ from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.images import save_png
 from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.io import write_json_atomic
+from safetydpo.quiet import drop_log_messages
 
 RENDER_RECORD = "render.json"
 
@@ -96,6 +97,8 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **no_checker)
     if model.lora:
+        # Our LoRAs adapt the UNet only; diffusers says so for the text encoder on every load.
+        drop_log_messages("diffusers.loaders.lora_base", r"^No LoRA keys associated to CLIPTextModel")
         pipe.load_lora_weights(str(Path(model.lora).expanduser()))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -12,12 +12,13 @@ from diffusers.training_utils import cast_training_params
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from safetydpo.data.batch import PairBatch
 from safetydpo.devices import DTYPES
 from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_loss, check_finite
-from safetydpo.data.batch import PairBatch
 from safetydpo.models.components import DiffusionComponents, freeze, load_components
 from safetydpo.models.inputs import anchor_latents, anchor_noise_and_timesteps, noise_and_timesteps, pair_latents
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
+from safetydpo.quiet import ignore_warnings
 
 # Components handed to ``DPOExpertModule.from_components``; out of band so they stay out of hparams and the CLI schema.
 _PRELOADED: ContextVar[DiffusionComponents | None] = ContextVar("preloaded_components", default=None)
@@ -104,6 +105,10 @@ class DPOExpertModule(LightningModule):
         self.tokenizer = components.tokenizer
         self.noise_scheduler = components.noise_scheduler
         freeze(self.unet, self.vae, self.text_encoder)
+        # The frozen base is in eval mode on purpose (no dropout in the reference); Lightning warns at fit start.
+        ignore_warnings(r"Found \d+ module\(s\) in eval mode")
+        # Lightning's own pytree helper calls an API torch has deprecated when it handles our step outputs.
+        ignore_warnings(r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         attach_lora(self.unet, self.lora_settings)
         cast_training_params(self.unet, torch.float32)  # fp32 LoRA master weights over a low-precision base
         if gradient_checkpointing:

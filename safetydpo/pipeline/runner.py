@@ -15,11 +15,7 @@ from safetydpo.io import atomic_file
 from safetydpo.pipeline.config import STAGES, PipelineConfig
 from safetydpo.pipeline.records import is_current, write_record
 from safetydpo.pipeline.stages import PipelineError, Planner, Step
-
-
-def elapsed(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+from safetydpo.progress import elapsed
 
 
 def selected_stages(start: str | None, only: str | None) -> list[str]:

@@ -1,0 +1,58 @@
+"""Library messages that are expected in SafetyDPO's use, silenced where our code triggers them.
+
+Each call site says why its message is expected. ``safetydpo --verbose`` (or ``SAFETYDPO_VERBOSE=1``)
+installs none of these filters, so everything the libraries print shows again; a warning that no
+pattern names always shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+#: Set to a non-empty value other than ``0`` to see every library message (``safetydpo --verbose`` sets it).
+VERBOSE_ENV = "SAFETYDPO_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether the user asked for every library message."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+class _DropMatching(logging.Filter):
+    """Drops records whose message matches one of the patterns (regular expressions, searched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patterns: list[re.Pattern[str]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.search(message) for pattern in self.patterns)
+
+
+_log_filters: dict[str, _DropMatching] = {}
+
+
+def drop_log_messages(logger: str, *patterns: str) -> None:
+    """Drop ``logger``'s records matching any of ``patterns`` (unless verbose); repeated calls add nothing twice."""
+    if verbose():
+        return
+    if logger not in _log_filters:
+        _log_filters[logger] = _DropMatching()
+        logging.getLogger(logger).addFilter(_log_filters[logger])
+    known = {pattern.pattern for pattern in _log_filters[logger].patterns}
+    _log_filters[logger].patterns += [re.compile(pattern) for pattern in patterns if pattern not in known]
+
+
+def ignore_warnings(*patterns: str, category: type[Warning] = Warning) -> None:
+    """Ignore warnings whose message starts with a match of any of ``patterns`` (unless verbose).
+
+    Called where the warning arises, every time, so the filter is back after a ``catch_warnings`` block reset it.
+    """
+    if verbose():
+        return
+    for pattern in patterns:  # filterwarnings replaces an identical filter rather than adding a second one
+        warnings.filterwarnings("ignore", message=pattern, category=category)
