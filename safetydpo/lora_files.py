@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
@@ -69,6 +70,51 @@ class LoraExpert:
 def card_path(path: str | Path) -> Path:
     """Where the model card of LoRA file ``path`` lives."""
     return Path(path).with_suffix(".json")
+
+
+def hub_card_path(path: str | Path) -> Path:
+    """Where the Hugging Face model card (Markdown, YAML front matter) of LoRA file ``path`` lives.
+
+    ``<name>.md`` rather than ``README.md``: one folder holds every expert. Upload it as the repo's README.md.
+    """
+    return Path(path).with_suffix(".md")
+
+
+def base_model_license(base_model: str) -> str:
+    """The ``license`` of a local base model's own model card (hub snapshots ship it), else ``other``."""
+    readme = Path(base_model).expanduser() / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8")
+        meta = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+    except (OSError, IndexError, yaml.YAMLError):
+        return "other"
+    license_ = meta.get("license") if isinstance(meta, dict) else None
+    return license_ if isinstance(license_, str) and license_ else "other"
+
+
+def hub_card(card: dict[str, Any], weights: str) -> str:
+    """A Hugging Face model card for a LoRA with ``card``: front matter the hub indexes, then how to load it."""
+    base = str(card.get("base_model") or "")
+    categories = [card["category"]] if card.get("category") else list(card.get("categories") or [])
+    meta = {
+        "base_model": base,
+        "library_name": "diffusers",
+        "license": base_model_license(base) if base else "other",
+        "pipeline_tag": "text-to-image",
+        "tags": ["safetydpo", "lora", "diffusers", "text-to-image", "safety", *categories],
+    }
+    what = (f"a SafetyDPO merge ({card['method']}) of {len(card.get('experts', []))} safety experts"
+            if card.get("format") == MERGED_FORMAT else f"a SafetyDPO safety expert for **{card.get('category') or 'all categories'}**")
+    details = {key: card[key] for key in ("concepts", "loss", "lora", "learning_rate", "steps", "method_args", "experts") if key in card}
+    return (
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
+        + f"# {Path(weights).stem}\n\nA LoRA for `{base}`: {what}, so that the model renders a safe image where the prompt asks "
+        + f"for harmful content ({', '.join(categories) or 'every category'}).\n\n"
+        + "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+        + f"pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\".\", weight_name=\"{Path(weights).name}\")\n```\n\n"
+        + f"Training details (the full card is `{card_path(weights).name}`):\n\n```yaml\n"
+        + yaml.safe_dump(details, sort_keys=False) + "```\n"
+    )
 
 
 def read_card(path: str | Path) -> dict[str, Any]:
@@ -134,7 +180,7 @@ def state_dict_for(layers: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
 
 
 def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: LoraConfig, card: dict[str, Any]) -> Path:
-    """Write a LoRA loadable by ``StableDiffusionPipeline.load_lora_weights`` plus its ``<name>.json`` card.
+    """Write a LoRA loadable by ``StableDiffusionPipeline.load_lora_weights``, its ``<name>.json`` card and ``<name>.md`` hub card.
 
     ``unet_lora`` is in peft key format with the scale folded into ``lora_B``. Both files are
     written to temporary names and renamed into place, so an interrupted save never leaves a
@@ -152,4 +198,6 @@ def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: Lora
         )
         os.replace(Path(tmp_dir, path.name), tmp_file)
     write_json_atomic(card_path(path), card)
+    with atomic_file(hub_card_path(path)) as tmp:
+        tmp.write_text(hub_card(card, path.name), encoding="utf-8")
     return path

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from safetydpo.io import atomic_file
-from safetydpo.lora_files import save_lora
+from safetydpo.lora_files import EXPERT_FORMAT, MERGED_FORMAT, hub_card, hub_card_path, save_lora
 from safetydpo.models import DPOExpertModule, LoraSettings
 
 
@@ -86,5 +87,32 @@ def test_written_files_follow_the_umask(tiny_pipeline_dir: Path, tmp_path: Path,
             save_file({"x": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(previous)
-    for written in (path, path.with_suffix(".json"), tmp_path / "shard.safetensors"):
+    for written in (path, path.with_suffix(".json"), path.with_suffix(".md"), tmp_path / "shard.safetensors"):
         assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written.name
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n"), text[:80]
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_hub_card_has_the_front_matter_the_hub_indexes(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    module = randomised_expert(tiny_pipeline_dir)
+    card = {"format": EXPERT_FORMAT, "base_model": str(tiny_pipeline_dir), "category": "violence", "steps": 12}
+    path = save_lora(tmp_path / "violence.safetensors", module.lora_weights(), module.unet.peft_config["default"], card)
+    text = hub_card_path(path).read_text(encoding="utf-8")
+    meta = front_matter(text)
+    assert meta["base_model"] == str(tiny_pipeline_dir) and meta["library_name"] == "diffusers"
+    assert meta["pipeline_tag"] == "text-to-image" and meta["license"] == "other", "no base-model card to take it from"
+    assert {"safetydpo", "lora", "violence"} <= set(meta["tags"])
+    assert 'weight_name="violence.safetensors"' in text and "steps: 12" in text
+
+
+def test_hub_card_takes_the_base_models_license(tmp_path: Path) -> None:
+    base = tmp_path / "stable-diffusion-v1-5"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: creativeml-openrail-m\ntags: [stable-diffusion]\n---\n# SD 1.5\n", encoding="utf-8")
+    card = {"format": MERGED_FORMAT, "base_model": str(base), "method": "comerge", "categories": ["hate", "sexual"],
+            "experts": [{"category": "hate"}, {"category": "sexual"}]}
+    meta = front_matter(hub_card(card, "merged.safetensors"))
+    assert meta["license"] == "creativeml-openrail-m" and {"hate", "sexual"} <= set(meta["tags"])
