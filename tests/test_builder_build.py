@@ -77,6 +77,18 @@ def metadata(root: Path) -> list[dict[str, Any]]:
     return pq.read_table(root / "metadata.parquet").to_pylist()
 
 
+def test_a_build_loads_with_datasets_as_its_card_declares(reference_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder's README.md front matter makes it a hub dataset: both configs load, with the table's row counts."""
+    import datasets  # the dev extra installs it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = datasets.load_dataset(str(reference_build), cache_dir=str(tmp_path / "cache"))["train"]
+    pairs = datasets.load_dataset(str(reference_build), "pairs", cache_dir=str(tmp_path / "cache"))["train"]
+    assert rows.num_rows == EXPECTED_ROWS == pq.read_metadata(reference_build / "metadata.parquet").num_rows
+    assert pairs.num_rows == pq.read_metadata(reference_build / "pairs.parquet").num_rows
+    assert {"unsafe_prompt", "safe_prompt", "image_unsafe", "image_safe"} <= set(rows.column_names)
+    assert rows[0]["id"] == metadata(reference_build)[0]["id"]
+
+
 def test_datamodule_trains_on_a_build_with_and_without_features(reference_build: Path, tiny_pipeline_dir: Path) -> None:
     rows = metadata(reference_build)
     assert len(rows) == EXPECTED_ROWS and len({row["id"] for row in rows}) == EXPECTED_ROWS
