@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from diffusers import StableDiffusionPipeline
 from fixtures_train import BIN, REPO, run, write_config
 from fixtures_train import tiny_config as base_config
@@ -34,6 +35,12 @@ def test_lightning_fit_writes_a_loadable_expert(tiny_pipeline_dir: Path, synthet
     assert re.search(r"^expert violence: step 12/12 · loss -?\d+\.\d{3} · acc ", result.stdout, re.MULTILINE), result.stdout[-2000:]
     assert re.search(r"^expert violence: validation at step \d+: loss ", result.stdout, re.MULTILINE)
     assert "Epoch " not in result.stdout
+    # TensorBoard is the default logger (a dependency): the run's scalars are in an event file under default_root_dir.
+    (events,) = (tmp_path / "run" / "logs").glob("lightning_logs/version_0/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert {"train/loss", "train/implicit_accuracy", "train/reward_margin", "val/loss"} <= set(accumulator.Tags()["scalars"])
+    assert [event.step for event in accumulator.Scalars("val/loss")][-1] >= 11
     expert = tmp_path / "run" / "experts" / "violence.safetensors"
     card = json.loads(expert.with_suffix(".json").read_text())
     assert card["category"] == "violence" and card["steps"] == 12
