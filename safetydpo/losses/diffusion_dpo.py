@@ -14,8 +14,10 @@ from safetydpo.losses.base import LOSSES, DenoisingErrors, LossOutput, Preferenc
 class DiffusionDPOLoss(PreferenceLoss):
     """``-log sigmoid(-beta/2 * ((e_w - e_l) - (ref_w - ref_l)))`` averaged over pairs.
 
-    ``beta`` is the KL weight; the Diffusion-DPO paper uses 5000 for SD 1.5 (the 1/2 factor
-    matches the reference implementation in diffusers' research examples).
+    ``beta`` is the KL weight, 5000 for SD 1.5 as in the authors' code. The 1/2 factor is theirs:
+    the Salesforce Diffusion-DPO ``train.py`` (and the SafetyDPO release's copy of it) computes
+    ``-0.5 * beta_dpo * (model_diff - ref_diff)``. diffusers' research example
+    ``train_diffusion_dpo.py`` drops the 1/2 and defaults to ``beta_dpo = 2500``: the same loss.
     """
 
     beta: float = 5000.0
