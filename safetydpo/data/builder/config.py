@@ -108,6 +108,14 @@ def _from_mapping(cls: type, data: Any, prefix: str, source: Path) -> Any:
     return cls(**values)
 
 
+def _check_generator_types(cls: type, spec: dict[str, Any], source: Path) -> None:
+    """Each ``generator.*`` value against its constructor annotation, so ``timeout: soon`` fails here, not mid-build."""
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in spec.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise BuildError(f"{source}: 'generator.{key}' must be {getattr(hints[key], '__name__', hints[key])}, got {value!r}")
+
+
 def _check_values(config: BuildConfig, source: Path) -> None:
     if (config.taxonomy is None) == (config.pairs_from is None):
         raise BuildError(
@@ -128,7 +136,7 @@ def _check_values(config: BuildConfig, source: Path) -> None:
     if not 0.0 <= config.pairs.min_similarity <= 1.0:
         raise BuildError(f"{source}: 'pairs.min_similarity' must be in [0, 1], got {config.pairs.min_similarity}")
     if config.taxonomy is not None:
-        generator_class(config.generator)
+        _check_generator_types(generator_class(config.generator), config.generator, source)
     if not (Path(config.render.base_model).expanduser() / "model_index.json").is_file():
         base_model = config.render.base_model
         raise BuildError(f"{source}: render.base_model '{base_model}' is not a diffusers pipeline folder (no model_index.json)")

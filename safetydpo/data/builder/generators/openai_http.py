@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
+import http.client
 import json
+import math
 import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 from safetydpo.data.builder.errors import BuildError
@@ -17,6 +23,32 @@ from safetydpo.data.builder.records import Concept, PromptPair
 
 #: Statuses worth retrying: rate limits and server-side trouble.
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Longest ``Retry-After`` wait honoured (seconds): a longer one is cut to it, so a build never stalls for hours.
+MAX_RETRY_AFTER = 120.0
+
+
+class _Retry(Exception):
+    """A failed attempt worth repeating; ``wait`` is what the server's ``Retry-After`` asked for (seconds)."""
+
+    def __init__(self, reason: str, wait: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason, self.wait = reason, wait
+
+
+def retry_after(value: str | None) -> float:
+    """The seconds a ``Retry-After`` header asks for (a number or an HTTP date), capped at ``MAX_RETRY_AFTER``; 0 if absent or unreadable."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return 0.0
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else 0.0
 
 
 @GENERATORS.register("openai")
@@ -24,8 +56,11 @@ class OpenAIChatGenerator(PairGenerator):
     """One chat completion per candidate, ``concurrency`` requests in flight; a malformed answer is an
     unparsable candidate, not an error.
 
-    Transport failures (connection errors, rate limits, 5xx) are retried with exponential back-off;
-    other HTTP errors (a wrong key, model or URL) stop the build with the status and the server's message.
+    Transport failures (connection errors, dropped connections, truncated or non-UTF-8 bodies, the
+    whole-request deadline, rate limits, 5xx) are retried with exponential back-off, at least as long
+    as the server's ``Retry-After``; other HTTP errors (a wrong key, model or URL) stop the build with
+    the status and the server's message. Redirects are never followed: that would send the API key
+    (and, as urllib does, a body-less GET) to wherever the server points.
 
     Args:
         base_url: endpoint root, e.g. ``http://localhost:8000/v1``; ``/chat/completions`` is appended.
@@ -35,8 +70,8 @@ class OpenAIChatGenerator(PairGenerator):
         template: the instruction, with ``{category}``, ``{concept}``, ``{substitutes}``.
         temperature: sampling temperature.
         max_tokens: answer length limit.
-        timeout: seconds per request.
-        max_retries: retries of one request after a transport failure.
+        timeout: seconds one whole request may take (connect, send, the complete answer).
+        max_retries: retries of one request after a transport failure (0 = one attempt).
         concurrency: requests in flight at once (candidates keep their order whatever finishes first).
         seed: base of the per-request ``seed`` (honoured by servers that support it).
     """
@@ -55,12 +90,27 @@ class OpenAIChatGenerator(PairGenerator):
         seed: int = 0,
     ) -> None:
         check_instruction(template)
-        if concurrency < 1:
-            raise BuildError(f"generator.concurrency must be at least 1, got {concurrency}")
+        for key, value in {"concurrency": concurrency, "max_tokens": max_tokens}.items():
+            if value < 1:
+                raise BuildError(f"generator.{key} must be at least 1, got {value}")
+        if max_retries < 0:
+            raise BuildError(f"generator.max_retries must be at least 0 (0 = no retry), got {max_retries}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise BuildError(f"generator.timeout must be a positive number of seconds, got {timeout}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise BuildError(f"generator.base_url must be an http:// or https:// URL such as http://localhost:8000/v1, got {base_url!r}")
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         if api_key_env and not self.api_key:
             raise BuildError(f"environment variable {api_key_env} (generator.api_key_env) is not set")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._connect = lambda: connection(parts.hostname, port, timeout=timeout)
+        self._path = urllib.parse.urlunsplit(("", "", parts.path, parts.query, ""))
         self.model, self.template, self.temperature, self.max_tokens = model, template, temperature, max_tokens
         self.timeout, self.max_retries, self.concurrency, self.seed = timeout, max_retries, concurrency, seed
 
@@ -79,32 +129,85 @@ class OpenAIChatGenerator(PairGenerator):
             "max_tokens": self.max_tokens,
             "seed": seed,
         }
-        payload = self._post(body)
+        payload = self._post(json.dumps(body).encode("utf-8"))
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return None
         return content if isinstance(content, str) else None
 
-    def _post(self, body: dict[str, Any]) -> Any:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
-        for attempt in range(self.max_retries + 1):
+    def _post(self, payload: bytes) -> Any:
+        """The decoded JSON answer (``None`` when it is not JSON), retrying transport failures."""
+        attempt = 0
+        while True:
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    text = response.read().decode("utf-8", errors="replace")
-                break
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", errors="replace")[:200]
-                if err.code not in RETRYABLE_STATUS or attempt == self.max_retries:
-                    raise BuildError(f"{self.url} answered HTTP {err.code}: {' '.join(detail.split())}") from None
-            except (urllib.error.URLError, TimeoutError) as err:
+                return self._attempt(payload)
+            except _Retry as failure:
                 if attempt == self.max_retries:
-                    raise BuildError(f"cannot reach {self.url}: {getattr(err, 'reason', err)}") from None
-            time.sleep(0.5 * 2**attempt)
+                    raise BuildError(
+                        f"{self.url} {failure.reason} ({attempt + 1} attempt(s)); check the server, "
+                        "or raise generator.max_retries / generator.timeout"
+                    ) from None
+                time.sleep(max(0.5 * 2**attempt, failure.wait))
+                attempt += 1
+
+    def _attempt(self, payload: bytes) -> Any:
+        status, headers, data = self._exchange(payload)
+        if 300 <= status < 400:
+            raise BuildError(
+                f"{self.url} answered HTTP {status} (redirect to {headers.get('Location')}); redirects are not followed, "
+                "so the API key never goes elsewhere: set generator.base_url to the final URL"
+            )
+        if status in RETRYABLE_STATUS:
+            raise _Retry(f"answered HTTP {status}: {_detail(data)}", retry_after(headers.get("Retry-After")))
+        if not 200 <= status < 300:
+            raise BuildError(f"{self.url} answered HTTP {status}: {_detail(data)}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Retry("answered a body that is not valid UTF-8") from None
         try:
             return json.loads(text)
         except json.JSONDecodeError:
             return None
+
+    def _exchange(self, payload: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One POST within ``timeout`` seconds in all (a socket timeout alone is per read: a server
+        sending one byte at a time would hold the request forever); raises ``_Retry`` on any failure."""
+        connection = self._connect()
+        expired = threading.Event()
+        sockets: list[socket.socket] = []  # kept here: the connection drops its own once the answer's headers are in
+
+        def abort() -> None:
+            expired.set()
+            for sock in sockets:  # the plain socket's shutdown wakes a blocked read, TLS or not
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.timeout, abort)
+        timer.daemon = True
+        timer.start()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        try:
+            connection.connect()
+            sockets.append(connection.sock)
+            if expired.is_set():
+                raise TimeoutError
+            connection.request("POST", self._path, body=payload, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+            if expired.is_set():
+                raise TimeoutError
+        except (OSError, http.client.HTTPException) as err:
+            if expired.is_set():
+                raise _Retry(f"gave no complete answer within generator.timeout ({self.timeout:g} s)") from None
+            raise _Retry(f"failed: {type(err).__name__}: {err}") from None
+        finally:
+            timer.cancel()
+            connection.close()
+        return response.status, response.headers, data
+
+
+def _detail(data: bytes) -> str:
+    """The start of an error body, on one line."""
+    return " ".join(data.decode("utf-8", errors="replace")[:200].split())
