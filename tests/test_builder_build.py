@@ -190,16 +190,20 @@ def test_inspect_counts_pairs_flags_missing_files_and_writes_a_grid(
     first = metadata(root)[0]
     (root / first["image_safe"]).unlink()
     grid = tmp_path / "grid.png"
-    main(["data", "inspect", str(root), "--grid", str(grid), "--samples", "5", "--tile", "32"])
-    printed = capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # a missing file makes the exit status non-zero
+        main(["data", "inspect", str(root), "--grid", str(grid), "--samples", "5", "--tile", "32"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"{EXPECTED_ROWS} pairs in 2 categories, 6 concepts" in printed
     assert "violence: 12 (blood 4, gore 4, stabbing 4)" in printed
     assert "build: 12/12 shards committed, complete" in printed
-    assert f"missing files: 1\n  row 0 (id {first['id']}): image_safe {first['image_safe']}" in printed
+    assert f"missing or defective files: 1\n  row 0 (id {first['id']}): image_safe {first['image_safe']} missing" in printed
+    assert captured.err.count("\n") == 1 and f"row 0 (id {first['id']})" in captured.err
     with Image.open(grid) as image:
         assert image.size == (4 * 64, 2 * (32 + 14))
     report = inspect_dataset(root, None)
-    assert report.grid is None and len(report.missing) == 1
+    assert report.grid is None and len(report.problems) == 1
 
 
 def write_released_layout(folder: Path) -> Path:
@@ -266,7 +270,10 @@ def test_import_of_a_generic_table_maps_columns_and_names_bad_input(tmp_path: Pa
     main(["data", "import", str(table), "--out", str(tmp_path / "out"), *columns])
     pairs = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
     assert inspect_dataset(tmp_path / "out", None).lines()[1] == "  violence: 3 (guns 3)"
-    expected = {"id": "row-0000002", "category": "violence", "concept": "guns", "unsafe_prompt": "a gun on table 2", "safe_prompt": "a toy on table 2"}
+    expected = {
+        "id": "row-0000002", "category": "violence", "categories": None, "concept": "guns",
+        "unsafe_prompt": "a gun on table 2", "safe_prompt": "a toy on table 2",
+    }
     assert pairs[2] == expected
     records[1]["good"] = " "
     table.write_text("\n".join(json.dumps(r) for r in records) + "\n")

@@ -26,7 +26,11 @@ def _build(args: Namespace) -> None:
 def _inspect(args: Namespace) -> None:
     folder = Path(args.dir)
     grid = None if args.no_grid else Path(args.grid or folder / "sample_grid.png")
-    print("\n".join(inspect_dataset(folder, grid, samples=args.samples, seed=args.seed, tile=args.tile).lines()))
+    report = inspect_dataset(folder, grid, samples=args.samples, seed=args.seed, tile=args.tile)
+    print("\n".join(report.lines()), flush=True)
+    if report.problems:  # the report is on stdout; a script checking the exit status must not train on this folder
+        more = f" (and {len(report.problems) - 1} more, listed above)" if len(report.problems) > 1 else ""
+        raise DatasetError(f"{folder}: {report.problems[0]}{more}; re-import or rebuild the files named")
 
 
 def _import(args: Namespace) -> None:
@@ -42,7 +46,8 @@ def _import(args: Namespace) -> None:
     )
     written = "pairs.parquet and metadata.parquet" if result.metadata else "pairs.parquet"
     skipped = f"; {result.unpaired} unpaired images skipped" if result.unpaired else ""
-    print(f"{args.out}: {written} with {result.pairs} pairs {result.categories}{skipped}")
+    copied = f"; {result.copied} images copied into {args.out}/images (no hard link across file systems)" if result.copied else ""
+    print(f"{args.out}: {written} with {result.pairs} pairs {result.categories}{skipped}{copied}")
 
 
 def data_parser() -> ArgumentParser:
@@ -59,13 +64,13 @@ def data_parser() -> ArgumentParser:
     inspect_parser.add_argument("--samples", type=int, default=8, help="pairs in the grid")
     inspect_parser.add_argument("--seed", type=int, default=0, help="which pairs the grid shows")
     inspect_parser.add_argument("--tile", type=int, default=128, help="grid image size in pixels")
-    commands.add_subcommand("inspect", inspect_parser, help="counts per category/concept, missing files, a sample grid PNG")
+    commands.add_subcommand("inspect", inspect_parser, help="counts per category/concept, every file opened and checked (exit 2 on a defect), a sample grid PNG")
     import_parser = ArgumentParser(exit_on_error=False)
     import_parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the keys below")
     import_parser.add_argument("table", type=str, help="the table file")
     import_parser.add_argument("--out", type=str, required=True, help="folder for pairs.parquet (and metadata.parquet)")
     import_parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="coprov2: a row per image; pairs: a row per pair")
-    import_parser.add_argument("--images", type=str | None, default=None, help="folder the table's image paths are relative to; writes metadata.parquet")
+    import_parser.add_argument("--images", type=str | None, default=None, help="folder the table's image paths are relative to (linked into OUT/images unless inside OUT); writes metadata.parquet")
     import_parser.add_argument("--taxonomy", type=str | None, default=None, help="assign concepts by the taxonomy concept each unsafe prompt names")
     import_parser.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="map a column name (pairs layout)")
     commands.add_subcommand("import", import_parser, help="convert a pair table (CSV/JSONL/Parquet, e.g. the released CoProV2)")

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from safetydpo.data.taxonomy import normalize_category
 from safetydpo.io import atomic_file
 
 
@@ -34,7 +35,11 @@ METADATA_FILE = "metadata.parquet"
 METADATA_CANDIDATES: tuple[str, ...] = (METADATA_FILE, "metadata.jsonl")
 PAIRS_FILE = "pairs.parquet"
 
-PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "category", "concept", "unsafe_prompt", "safe_prompt")])
+#: Optional column: every category of a pair listed under several (comma-separated, ``category`` first).
+CATEGORIES_COLUMN = "categories"
+#: Required columns of a pairs table.
+PAIR_COLUMNS: tuple[str, ...] = ("id", "category", "concept", "unsafe_prompt", "safe_prompt")
+PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in (*PAIR_COLUMNS, CATEGORIES_COLUMN)])
 #: Optional metadata column: relative path of a safetensors shard with this row's precomputed tensors.
 FEATURES_COLUMN = "features"
 METADATA_SCHEMA = pa.schema(
@@ -46,12 +51,55 @@ METADATA_SCHEMA = pa.schema(
         (FEATURES_COLUMN, pa.string()),
     ]
 )
-#: Required columns of a pairs table: every column of PAIR_SCHEMA.
-PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
-#: Required columns of a metadata table (``id`` and ``features`` are optional).
+#: Required columns of a metadata table (``id``, ``categories`` and ``features`` are optional).
 METADATA_COLUMNS: tuple[str, ...] = ("unsafe_prompt", "safe_prompt", "category", "concept", "seed", "image_unsafe", "image_safe")
 #: Tensor names inside a features shard, each prefixed by the row id (see ``feature_name``).
 FEATURE_KEYS: tuple[str, ...] = ("latent_safe", "latent_unsafe", "prompt_embeds")
+
+
+#: Columns of the released CoProV2 CSVs (``CoProv2_train.csv``, ``CoProv2_test.csv``): one row per image.
+RELEASED_COLUMNS: tuple[str, ...] = ("prompt", "image", "category")
+# ``u_idx_0000000_0.jpg`` (unsafe side of pair idx_0000000_0), ``s_...`` (safe side), ``0000000_0.jpg`` (a test prompt).
+_RELEASED_IMAGE = re.compile(r"(?:(?P<side>[us])_)?(?P<key>.+?)(?:\.[A-Za-z0-9]+)?")
+
+
+def row_categories(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every category of a row, normalised, ``category`` first: one released pair can be listed under several."""
+    extra = row.get(CATEGORIES_COLUMN)
+    listed = [row["category"], *([] if _is_empty(extra) else extra if isinstance(extra, (list, tuple)) else str(extra).split(","))]
+    return tuple(dict.fromkeys(normalize_category(name) for name in listed if str(name or "").strip()))
+
+
+def released_images(rows: Sequence[Mapping[str, Any]], path: Path, error: type[ValueError] = DatasetError) -> list[dict[str, Any]]:
+    """One entry per image of a released CoProV2 table: ``image``, ``side`` (``u``, ``s`` or None), ``key``,
+    ``prompt``, ``row`` (its first row) and ``categories`` (every category it is listed under, in table order).
+
+    The release lists several hundred images two to four times, each time with the same prompt and
+    another category; an image listed again with a *different* prompt is an error naming both rows.
+    """
+    check_columns(path, rows[0] if rows else {}, RELEASED_COLUMNS, error)
+    images: dict[str, dict[str, Any]] = {}
+    for index, row in enumerate(rows):
+        require_values(row, RELEASED_COLUMNS, f"{path} row {index}", error)
+        image, prompt = str(row["image"]).strip(), " ".join(str(row["prompt"]).split())
+        entry = images.get(image)
+        if entry is None:
+            match = _RELEASED_IMAGE.fullmatch(Path(image).name)
+            assert match is not None  # the pattern matches any non-empty name
+            images[image] = entry = {"image": image, "side": match["side"], "key": match["key"], "prompt": prompt, "row": index, "categories": []}
+        elif entry["prompt"] != prompt:
+            raise error(f"{path} row {index}: image '{image}' is listed again (first at row {entry['row']}) with a different prompt")
+        category = normalize_category(row["category"])
+        if category not in entry["categories"]:
+            entry["categories"].append(category)
+    return list(images.values())
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root/relative`` with symlinks resolved, or ``None`` when it lies outside ``root`` (``..``, absolute paths,
+    links to outside files): a dataset folder must never make training or import read files it does not hold."""
+    path = (root / relative).resolve()
+    return path if not Path(relative).is_absolute() and path.is_relative_to(root.resolve()) else None
 
 
 def slugify(text: str) -> str:

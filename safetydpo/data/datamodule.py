@@ -12,8 +12,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from safetydpo.data.batch import PairBatch, collate_pairs
-from safetydpo.data.coprov2 import FEATURES_COLUMN, METADATA_COLUMNS, DatasetError, find_metadata, names_concept, read_table
-from safetydpo.data.dataset import PreferencePairDataset
+from safetydpo.data.coprov2 import FEATURES_COLUMN, METADATA_COLUMNS, DatasetError, find_metadata, names_concept, read_table, row_categories
+from safetydpo.data.dataset import PreferencePairDataset, row_id
 from safetydpo.data.sampler import ResumableDistributedSampler
 from safetydpo.data.taxonomy import normalize_category
 from safetydpo.quiet import ignore_warnings
@@ -40,7 +40,8 @@ class CoProV2DataModule(LightningDataModule):
 
     Args:
         data_dir: folder holding the metadata table and the files its rows reference.
-        categories: keep only these categories (one expert per category); ``None`` keeps all.
+        categories: keep only pairs in any of these categories (one expert per category; a pair listed under
+            several, see ``row_categories``, serves each of their experts); ``None`` keeps all.
         metadata: table file name inside ``data_dir``; default ``metadata.parquet`` or ``metadata.jsonl``.
         val_fraction: share of *concepts* held out for validation.
         resolution: square image size fed to the VAE (ignored with precomputed latents).
@@ -85,16 +86,24 @@ class CoProV2DataModule(LightningDataModule):
             return
         path = find_metadata(self.data_dir, self.hparams.metadata)
         rows = read_table(path, METADATA_COLUMNS)
-        for row in rows:
-            row["category"] = normalize_category(row["category"])
-        available = sorted({row["category"] for row in rows})
+        row_cats = [row_categories(row) for row in rows]  # a released pair can be listed under several categories
+        seen: dict[str, int] = {}
+        for position, (row, names) in enumerate(zip(rows, row_cats)):
+            row["category"] = names[0]
+            first = seen.setdefault(row_id(row, position), position)
+            if first != position:  # one row per pair keeps a pair out of training and validation at once
+                raise DatasetError(
+                    f"{path} rows {first} and {position} share id '{row_id(row, position)}'; list each pair once "
+                    "(several categories go in its 'categories' column)"
+                )
+        available = sorted({name for names in row_cats for name in names})
         if self.categories is not None:
             unknown = [name for name in self.categories if name not in available]
             if unknown:
                 raise DatasetError(
                     f"category {', '.join(unknown)} has no rows in {path}; categories present: {', '.join(available)}"
                 )
-        keep = [i for i, row in enumerate(rows) if self.categories is None or row["category"] in self.categories]
+        keep = [i for i, names in enumerate(row_cats) if self.categories is None or set(names) & set(self.categories)]
         pool = anchor_pool(rows, [rows[i]["concept"] for i in keep]) if self.hparams.anchors else None
         if pool == []:
             raise DatasetError(f"anchors: every safe prompt in {path} names a trained concept, so there is nothing to anchor on")

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from safetydpo.data.batch import PairSample
-from safetydpo.data.coprov2 import FEATURE_KEYS, FEATURES_COLUMN, DatasetError, feature_name
+from safetydpo.data.coprov2 import FEATURE_KEYS, FEATURES_COLUMN, DatasetError, feature_name, resolve_inside
 from safetydpo.seeding import derive_seed
 
 
@@ -73,13 +73,18 @@ class PreferencePairDataset(Dataset):
         return [("image_safe", row["image_safe"]), ("image_unsafe", row["image_unsafe"])]
 
     def _check_files(self) -> None:
-        """Fail before training starts, naming every row whose files are missing (up to five)."""
+        """Fail before training starts, naming every row whose files are missing or lie outside ``root`` (up to five)."""
         problems = []
         for row, position in [*zip(self.rows, self.positions), *(self.anchor_pool or [])]:
             for column, relative in self._referenced_files(row):
                 if not relative:
                     problems.append(f"{describe_row(row, position)}: column {column} is empty")
-                elif not (self.root / relative).is_file():
+                elif (path := resolve_inside(self.root, str(relative))) is None:
+                    problems.append(
+                        f"{describe_row(row, position)}: {column} path '{relative}' lies outside the dataset folder {self.root} "
+                        "(a '..', an absolute path or a link out of it); keep every file under the folder"
+                    )
+                elif not path.is_file():
                     problems.append(f"{describe_row(row, position)}: {column} file {self.root / relative} not found")
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

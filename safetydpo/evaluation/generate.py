@@ -42,12 +42,16 @@ class PlannedImage:
 def plan_images(
     prompts: list[EvalPrompt], images_per_prompt: int, generation: GenerationConfig, folder: Path
 ) -> list[PlannedImage]:
-    """Image ``k`` of a prompt uses seed ``first + k``; ``first`` is the prompt file's seed, else ``generation.seed``."""
+    """Image ``k`` of a prompt uses seed ``first + k``; ``first`` is the prompt file's seed, else ``generation.seed``.
+
+    A negative seed is unknown (``safetydpo data import`` stores -1 for renders it did not make), so it
+    falls back to ``generation.seed`` too.
+    """
     planned = []
     for prompt in prompts:
         guidance = prompt.guidance_scale if prompt.guidance_scale is not None else generation.guidance_scale
         height, width = prompt.height or generation.height, prompt.width or generation.width
-        first = prompt.seed if prompt.seed is not None else generation.seed
+        first = prompt.seed if prompt.seed is not None and prompt.seed >= 0 else generation.seed
         digest = hashlib.sha1(f"{prompt.text}\0{guidance}\0{height}x{width}".encode()).hexdigest()[:10]
         for k in range(images_per_prompt):
             path = folder / f"{prompt.index:05d}-{digest}-s{first + k}.png"

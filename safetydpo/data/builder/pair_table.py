@@ -7,22 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from safetydpo.data.builder.errors import BuildError
-from safetydpo.data.coprov2 import PAIR_COLUMNS, read_table, require_values, slugify
-from safetydpo.data.taxonomy import normalize_category
+from safetydpo.data.coprov2 import CATEGORIES_COLUMN, PAIR_COLUMNS, read_table, require_values, row_categories, slugify
 
 # Ids name image files and prefix feature tensors: no path separators, no dots.
 _ID = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def check_pair_row(row: dict[str, Any], where: str) -> dict[str, str]:
-    """A row with the pair columns as clean strings, its category normalised; errors name ``where``."""
+    """A row with the pair columns as clean strings, its categories normalised; errors name ``where``.
+
+    A pair listed under several categories keeps them all in ``categories`` (``category`` first).
+    """
     clean = {column: " ".join(("" if row.get(column) is None else str(row[column])).split()) for column in PAIR_COLUMNS}
     require_values(clean, PAIR_COLUMNS, where, BuildError)
     if not _ID.fullmatch(clean["id"]):
         raise BuildError(f"{where}: id '{clean['id']}' may only use letters, digits, '_' and '-'")
-    clean["category"] = normalize_category(clean["category"])
-    if slugify(clean["category"]) != clean["category"]:
-        raise BuildError(f"{where}: category '{row['category']}' may only use letters, digits, spaces, '-' and '_'")
+    categories = row_categories({**row, "category": clean["category"]})
+    for name in categories:
+        if slugify(name) != name:
+            raise BuildError(f"{where}: category '{name}' may only use letters, digits, spaces, '-' and '_'")
+    clean["category"] = categories[0]
+    if len(categories) > 1:
+        clean[CATEGORIES_COLUMN] = ",".join(categories)
     return clean
 
 
