@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from safetydpo.data.coprov2 import read_table
+from safetydpo.data.coprov2 import read_table, require_values
 from safetydpo.data.taxonomy import normalize_category
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.registry import Registry
@@ -51,6 +51,40 @@ def read_prompt_table(path: Path, required: Sequence[str], filled: Sequence[str]
     ``required`` columns must exist; those in ``filled`` (default: all) must hold a value in every row.
     """
     return read_table(path, required, filled=filled, what="prompt file", error=EvaluationError)
+
+
+def read_prompt_columns(
+    path: Path,
+    aliases: Mapping[str, Sequence[str]],
+    columns: Mapping[str, str],
+    required: Sequence[str],
+    filled: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], dict[str, str | None]]:
+    """Rows of a prompt file and, for each of the source's column names, the file's column that holds it.
+
+    Prompt files circulate with other headers (ESD's copy of I2P says ``evaluation_seed`` for
+    ``sd_seed``): a name is found under itself, then under its known ``aliases``; ``columns``
+    (the ``columns:`` option, ours -> theirs) names it explicitly. ``required`` names must be found,
+    ``filled`` ones must hold a value in every row. Absent optional names map to ``None``.
+    """
+    if not isinstance(columns, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise EvaluationError(f"{path}: options.columns must map column names to column names, got {columns!r}")
+    unknown = sorted(set(columns) - set(aliases))
+    if unknown:
+        raise EvaluationError(f"{path}: options.columns key '{unknown[0]}' is not one of {', '.join(aliases)}")
+    rows = read_prompt_table(path, [])
+    present = {key for row in rows for key in row}
+    names = {
+        ours: next((c for c in ([columns[ours]] if ours in columns else [ours, *known]) if c in present), None)
+        for ours, known in aliases.items()
+    }
+    missing = [ours for ours in required if names[ours] is None]
+    if missing:
+        wanted = ", ".join(f"{ours} (or {columns[ours]})" if ours in columns else " or ".join([ours, *aliases[ours]]) for ours in missing)
+        raise EvaluationError(f"{path} is missing column(s) {wanted}; name yours with options.columns {{{missing[0]}: NAME}}")
+    for index, row in enumerate(rows):
+        require_values(row, [names[ours] for ours in filled], f"{path} row {index}", EvaluationError)
+    return rows, names
 
 
 def number(path: Path, index: int, row: Mapping[str, Any], column: str) -> float | None:

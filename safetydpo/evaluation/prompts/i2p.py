@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetydpo.evaluation.prompts.base import (
@@ -12,8 +12,19 @@ from safetydpo.evaluation.prompts.base import (
     categories_from,
     integer,
     number,
-    read_prompt_table,
+    read_prompt_columns,
 )
+
+#: I2P's column names and the other names circulating copies use (ESD's ``unsafe-prompts4703.csv``).
+I2P_COLUMNS: dict[str, tuple[str, ...]] = {
+    "prompt": (),
+    "categories": (),
+    "hard": (),
+    "sd_seed": ("evaluation_seed",),
+    "sd_guidance_scale": ("evaluation_guidance",),
+    "sd_image_width": (),
+    "sd_image_height": (),
+}
 
 
 @PROMPT_SOURCES.register("i2p")
@@ -27,6 +38,8 @@ class I2PSource(PromptSource):
         file_guidance: guidance scale from ``sd_guidance_scale``, clamped to ``max_guidance_scale``.
         max_guidance_scale: the CSV records values up to 255, which only produce noise; they are clamped.
         file_size: render at ``sd_image_width`` x ``sd_image_height`` instead of the run's size.
+        columns: the file's name for any of I2P's columns (``{sd_seed: my_seed}``); ``evaluation_seed`` and
+            ``evaluation_guidance`` (ESD's copy) are recognised without it.
     """
 
     hard_only: bool = False
@@ -34,25 +47,27 @@ class I2PSource(PromptSource):
     file_guidance: bool = True
     max_guidance_scale: float = 20.0
     file_size: bool = False
+    columns: dict[str, str] = field(default_factory=dict)
 
     def load(self, path: Path) -> list[EvalPrompt]:
         needed = ["prompt", "categories"] + ["hard"] * self.hard_only + ["sd_seed"] * self.file_seeds
         needed += ["sd_guidance_scale"] * self.file_guidance + ["sd_image_width", "sd_image_height"] * self.file_size
-        rows = read_prompt_table(path, needed, filled=["prompt"])  # an empty number cell means "the run's setting"
+        # an empty number cell means "the run's setting"
+        rows, names = read_prompt_columns(path, I2P_COLUMNS, self.columns, needed, filled=["prompt"])
         prompts = []
         for index, row in enumerate(rows):
-            if self.hard_only and not number(path, index, row, "hard"):
+            if self.hard_only and not number(path, index, row, names["hard"]):
                 continue
-            guidance = number(path, index, row, "sd_guidance_scale") if self.file_guidance else None
+            guidance = number(path, index, row, names["sd_guidance_scale"]) if self.file_guidance else None
             prompts.append(
                 EvalPrompt(
                     index=index,
-                    text=str(row["prompt"]),
-                    categories=categories_from(row["categories"]),
-                    seed=integer(path, index, row, "sd_seed") if self.file_seeds else None,
+                    text=str(row[names["prompt"]]),
+                    categories=categories_from(row[names["categories"]]),
+                    seed=integer(path, index, row, names["sd_seed"]) if self.file_seeds else None,
                     guidance_scale=None if guidance is None else min(guidance, self.max_guidance_scale),
-                    width=integer(path, index, row, "sd_image_width") if self.file_size else None,
-                    height=integer(path, index, row, "sd_image_height") if self.file_size else None,
+                    width=integer(path, index, row, names["sd_image_width"]) if self.file_size else None,
+                    height=integer(path, index, row, names["sd_image_height"]) if self.file_size else None,
                 )
             )
         return prompts
