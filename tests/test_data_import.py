@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from safetydpo.cli.main import main
 from safetydpo.data import CoProV2DataModule, DatasetError
-from safetydpo.data.builder import BuildError, import_table, inspect_dataset
+from safetydpo.data.builder import BuildError, build, import_table, inspect_dataset, load_build_config
 from safetydpo.data.coprov2 import METADATA_SCHEMA, feature_name, write_table
 from safetydpo.evaluation.config import GenerationConfig
 from safetydpo.evaluation.generate import plan_images
@@ -241,3 +241,21 @@ def test_inspect_opens_every_file_and_fails_on_truncated_garbage_and_nan(tmp_pat
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and "missing or defective files: 4" in captured.out
     assert captured.err.count("\n") == 1 and "(and 3 more, listed above)" in captured.err
+
+
+def test_a_build_that_fails_before_its_manifest_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    (tmp_path / "taxonomy.yaml").write_text(yaml.safe_dump(TAXONOMY))
+    monkeypatch.delenv("SAFETYDPO_TEST_UNSET_KEY", raising=False)
+    config = {
+        "output": str(tmp_path / "built"),
+        "taxonomy": str(tmp_path / "taxonomy.yaml"),
+        "generator": {"name": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "SAFETYDPO_TEST_UNSET_KEY"},
+        "render": {"base_model": str(pipeline)},
+    }
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(BuildError, match="environment variable SAFETYDPO_TEST_UNSET_KEY"):
+        build(load_build_config(tmp_path / "data.yaml"))
+    assert not (tmp_path / "built").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from safetydpo.data.builder.config import BuildConfig
 from safetydpo.data.builder.errors import BuildError
 from safetydpo.data.builder.generators import PairGenerator, build_generator
 from safetydpo.data.builder.lock import output_lock
-from safetydpo.data.builder.manifest import Manifest, open_manifest
+from safetydpo.data.builder.manifest import MANIFEST_FILE, Manifest, open_manifest
 from safetydpo.data.builder.pair_table import read_pair_table
 from safetydpo.data.builder.pairs import generate_pairs
 from safetydpo.data.builder.render import PairRenderer
@@ -139,8 +140,22 @@ def _fingerprint(config: BuildConfig) -> dict[str, Any]:
 
 
 def build(config: BuildConfig) -> BuildResult:
-    """Build (or resume building) the dataset ``config`` describes; safe to kill and rerun at any point."""
+    """Build (or resume building) the dataset ``config`` describes; safe to kill and rerun at any point.
+
+    A build that fails before its manifest exists (a missing API key or pairs table) removes the
+    folder it created, so a failed first run leaves nothing behind.
+    """
     root = Path(config.output)
+    created = not root.exists()
+    try:
+        return _build(config, root)
+    except BaseException:
+        if created and not (root / MANIFEST_FILE).is_file():
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _build(config: BuildConfig, root: Path) -> BuildResult:
     with output_lock(root):
         remove_stale_temp_files(root)
         manifest = open_manifest(root, _fingerprint(config))
