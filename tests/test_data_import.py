@@ -181,6 +181,13 @@ def test_a_failed_import_writes_nothing_and_paths_may_not_leave_the_image_folder
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "import", str(table), "--out", str(out)])
     assert exit_info.value.code == 2
+    Image.new("RGB", (8, 8)).save(images / "s_idx_0000006_0.jpg")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "images").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(BuildError, match="linked/images links out of .*linked; the DataModule reads only files inside it"):
+        import_table(table, tmp_path / "linked", images=images)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def write_dataset(root: Path, rows: list[dict[str, object]]) -> None:

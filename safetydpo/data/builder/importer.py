@@ -178,6 +178,8 @@ def _metadata_rows(pairs: list[dict[str, Any]], files: list[dict[str, Path]], im
                 relative[column] = path.relative_to(root).as_posix()
             else:
                 target = Path(IMAGES_DIR) / path.relative_to(image_root)
+                if resolve_inside(root, target.parent.as_posix()) is None:
+                    raise BuildError(f"{out_dir / target.parent} links out of {out_dir}; the DataModule reads only files inside it, remove the link")
                 copied += _place(path, root / target)
                 relative[column] = target.as_posix()
         rows.append({**pair, "seed": UNKNOWN_SEED, **relative, FEATURES_COLUMN: None})
