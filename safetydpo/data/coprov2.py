@@ -84,9 +84,9 @@ def released_images(rows: Sequence[Mapping[str, Any]], path: Path, error: type[V
         image, prompt = str(row["image"]).strip(), " ".join(str(row["prompt"]).split())
         entry = images.get(image)
         if entry is None:
-            match = _RELEASED_IMAGE.fullmatch(Path(image).name)
-            assert match is not None  # the pattern matches any non-empty name
-            images[image] = entry = {"image": image, "side": match["side"], "key": match["key"], "prompt": prompt, "row": index, "categories": []}
+            match = _RELEASED_IMAGE.fullmatch(Path(image).name)  # no match only for a name like "/"
+            side, key = (match["side"], match["key"]) if match else (None, image)
+            images[image] = entry = {"image": image, "side": side, "key": key, "prompt": prompt, "row": index, "categories": []}
         elif entry["prompt"] != prompt:
             raise error(f"{path} row {index}: image '{image}' is listed again (first at row {entry['row']}) with a different prompt")
         category = normalize_category(row["category"])
