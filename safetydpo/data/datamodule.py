@@ -11,6 +11,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from safetydpo.data.augment import PairAugmentation
 from safetydpo.data.batch import PairBatch, collate_pairs
 from safetydpo.data.coprov2 import FEATURES_COLUMN, METADATA_COLUMNS, DatasetError, find_metadata, names_concept, read_table, row_categories
 from safetydpo.data.dataset import PreferencePairDataset, row_id
@@ -48,11 +49,16 @@ class CoProV2DataModule(LightningDataModule):
         batch_size: pairs per step and device.
         num_workers: dataloader worker processes.
         seed: fixes the concept split and the shuffling order of every epoch.
-        use_precomputed: read latents/text embeddings from the ``features`` shards; ``None`` = when present.
+        use_precomputed: read latents/text embeddings from the ``features`` shards; ``None`` = when present
+            (and ``flip`` is ``none``).
         anchors: give every pair an anchor, the safe prompt and safe render of a row from any category
             whose safe prompt names none of the trained concepts (re-drawn each epoch, seeded). The model's
             ``anchor_weight`` keeps predictions on anchors at the base model's, so an expert changes
             only what its concepts ask for (see docs/losses.md).
+        caption_dropout: share of training pairs whose prompt becomes the empty prompt, drawn per
+            (seed, pair, epoch) (the release's ``--proportion_empty_prompts``; see ``PairAugmentation``).
+        flip: horizontal flips of training pairs: ``none``, ``paired`` (both images together) or
+            ``independent`` (each image on its own draw, as the release does); needs images, not latents.
     """
 
     def __init__(
@@ -67,10 +73,13 @@ class CoProV2DataModule(LightningDataModule):
         seed: int = 0,
         use_precomputed: bool | None = None,
         anchors: bool = False,
+        caption_dropout: float = 0.0,
+        flip: str = "none",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.augmentation = PairAugmentation(caption_dropout=caption_dropout, flip=flip)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.categories = [normalize_category(name) for name in categories] if categories else None
@@ -123,8 +132,11 @@ class CoProV2DataModule(LightningDataModule):
     def _resolve_precomputed(self, rows: list[dict[str, Any]], keep: list[int], path: Path) -> bool:
         requested = self.hparams.use_precomputed
         has_features = [bool(rows[i].get(FEATURES_COLUMN)) for i in keep]
+        flips = self.augmentation.flip != "none"  # the features hold latents of the unflipped images
+        if requested and flips:
+            raise DatasetError(f"flip: {self.augmentation.flip} needs images, not {path}'s latents; set use_precomputed: false or flip: none")
         if requested is None:
-            return bool(has_features) and all(has_features)
+            return bool(has_features) and all(has_features) and not flips
         if requested and not all(has_features):
             first = keep[has_features.index(False)]
             raise DatasetError(f"use_precomputed=true but {path} row {first} has no '{FEATURES_COLUMN}' shard")
@@ -183,6 +195,7 @@ class CoProV2DataModule(LightningDataModule):
             if trainer.current_epoch != self._epoch:
                 self._epoch, self._consumed_batches = trainer.current_epoch, 0
             self._consumed_batches += 1
+            batch = self.augmentation(batch, self.hparams.seed, trainer.current_epoch)
         return batch
 
     def state_dict(self) -> dict[str, int]:

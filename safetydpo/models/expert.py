@@ -44,6 +44,8 @@ class DPOExpertModule(LightningModule):
         learning_rate: AdamW learning rate for the LoRA weights.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the constant learning rate.
+        scale_lr: multiply ``learning_rate`` by the pairs per optimizer step (batch size x gradient
+            accumulation x devices), as the release's SD 1.5 launcher does with ``--scale_lr``.
         category: harm category this expert removes (recorded in the model card).
         noise_seed: seed of the diffusion noise and timesteps.
         revision: hub revision of the pretrained model.
@@ -77,6 +79,7 @@ class DPOExpertModule(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         anchor_weight: float = 0.0,
+        scale_lr: bool = False,
     ) -> None:
         super().__init__()
         if anchor_weight < 0:
@@ -234,7 +237,13 @@ class DPOExpertModule(LightningModule):
     # ------------------------------------------------------------------ optimisation and state
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        lr = self.hparams.learning_rate
+        if self.hparams.scale_lr:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or "batch_size" not in datamodule.hparams:
+                raise ValueError("scale_lr needs a data module with a batch_size (CoProV2DataModule)")
+            lr *= datamodule.hparams.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay)
         warmup = max(self.hparams.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -50,7 +50,12 @@ def pair_latents(components: DiffusionComponents, batch: PairBatch, seed: int, s
     """Winner latents, loser latents and unsafe-prompt embeddings, from precomputed features when present."""
     if batch.precomputed:
         assert batch.latents_loser is not None and batch.prompt_embeds is not None
-        return batch.latents_winner, batch.latents_loser, batch.prompt_embeds
+        embeds = batch.prompt_embeds
+        empty = [i for i, prompt in enumerate(batch.prompts) if not prompt]
+        if empty:  # caption dropout emptied these prompts; the shards hold the embeddings of the pairs' own
+            embeds = embeds.clone()
+            embeds[empty] = encode_prompts(components, [""]).to(embeds)
+        return batch.latents_winner, batch.latents_loser, embeds
     if batch.pixels_winner is None or batch.pixels_loser is None:
         raise ValueError("a pair batch needs pixels_winner/pixels_loser or precomputed latents")
     generators = pair_generators(seed, step, batch.positions, WINNER_LATENT_STREAM)
