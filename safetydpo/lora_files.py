@@ -1,14 +1,20 @@
 """The LoRA file format: one home for writing and reading expert and merged LoRAs and their model cards.
 
-A LoRA file is a diffusers-format UNet LoRA (``unet.<module>.lora_A.weight`` / ``lora_B.weight``,
+We write diffusers-format UNet LoRAs (``unet.<module>.lora_A.weight`` / ``lora_B.weight``,
 safetensors, alpha/rank scale folded into ``lora_B``) that ``StableDiffusionPipeline.load_lora_weights``
-loads. Beside it, ``<name>.json`` is its model card; the card's ``format`` names what wrote it and
-its version. Files without a card (written by other tools) are read as cards ``{}``.
+loads. Beside each, ``<name>.json`` is its model card; the card's ``format`` names what wrote it and
+its version. We read what diffusers reads, through diffusers' own conversions: peft/diffusers
+``lora_A``/``lora_B`` keys, the ``unet.*.lora.down.weight`` / ``lora.up.weight`` keys of diffusers'
+older training scripts, kohya files (``lora_unet_*`` with ``.alpha`` keys), and alpha from the
+``lora_adapter_metadata`` that diffusers and peft write. Files without a card (written by other
+tools) are read as cards ``{}``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +24,10 @@ from typing import Any
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from safetydpo.io import atomic_file, write_json_atomic
@@ -31,7 +40,11 @@ MERGED_FORMAT = "safetydpo.merged/1"
 KNOWN_FORMATS = (EXPERT_FORMAT, MERGED_FORMAT)
 
 UNET_PREFIX = "unet."
-_DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+#: Key prefixes of text-encoder LoRA tensors in diffusers' layout (kohya's ``lora_te*_`` are converted to these).
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+_DOWN, _UP, _ALPHA = ".lora_A.weight", ".lora_B.weight", ".alpha"
+
+logger = logging.getLogger(__name__)
 
 
 class LoraFileError(ValueError):
@@ -40,7 +53,11 @@ class LoraFileError(ValueError):
 
 @dataclass
 class LoraFactors:
-    """One adapted layer: ``delta W = up @ down`` (scale already folded into ``up``)."""
+    """One adapted layer: ``delta W = up @ down``, the file's alpha/rank scale already applied.
+
+    A scale ``s`` is split as ``sqrt(s)`` into each factor, which is how peft's ``linear`` combination
+    weighs the factors of an adapter; the product, all other methods see, is the same either way.
+    """
 
     down: torch.Tensor  # lora_A: (rank, in) or (rank, in, k, k)
     up: torch.Tensor  # lora_B: (out, rank) or (out, rank, 1, 1)
@@ -137,23 +154,100 @@ def read_card(path: str | Path) -> dict[str, Any]:
     return card
 
 
-def load_lora(path: str | Path) -> LoraExpert:
-    """Read a diffusers-format UNet LoRA and its card with safetensors, never pickle."""
-    path = Path(path)
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (never pickle) and its string metadata, checked to be finite floats."""
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise LoraFileError(f"{path} is not a readable safetensors LoRA file: {err}") from err
-    downs = {k[len(UNET_PREFIX) : -len(_DOWN)]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith(_DOWN)}
-    ups = {k[len(UNET_PREFIX) : -len(_UP)]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith(_UP)}
-    unknown = sorted(k for k in tensors if not (k.startswith(UNET_PREFIX) and k.endswith((_DOWN, _UP))))
-    if unknown or not downs or set(downs) != set(ups):
-        detail = f"unexpected keys such as {unknown[:3]}" if unknown else "lora_A/lora_B keys do not pair up"
-        raise LoraFileError(f"{path} is not a UNet LoRA in diffusers/peft format: {detail}")
-    layers = {name: LoraFactors(downs[name], ups[name]) for name in sorted(downs)}
+    for key, value in tensors.items():
+        if key.endswith(_ALPHA):
+            continue  # kohya stores alpha as any number type
+        if not value.is_floating_point():
+            raise LoraFileError(f"{path}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}; LoRA weights are floating point")
+        if not bool(torch.isfinite(value).all()):
+            raise LoraFileError(f"{path}: tensor {key} holds NaN or infinite values; the LoRA is broken, retrain or restore it")
+    return tensors, metadata
+
+
+def _unet_part(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The UNet tensors in peft keys (``<module>.lora_A.weight``) and any per-module alphas, by diffusers' conversions."""
+    if any("dora_scale" in key or "lora_magnitude_vector" in key for key in tensors):
+        raise LoraFileError(f"{path} is a DoRA adapter; only plain LoRA files can be merged")
+    # Kohya (``lora_unet_*``, ``.alpha``) becomes diffusers keys plus network alphas, as load_lora_weights does.
+    state, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(tensors))
+    unet = {key.removeprefix(UNET_PREFIX): value for key, value in state.items() if key.startswith(UNET_PREFIX)}
+    text_encoder = [key for key in state if key.startswith(TEXT_ENCODER_PREFIXES)]
+    other = sorted(set(state) - set(text_encoder) - {UNET_PREFIX + key for key in unet})
+    if other:
+        raise LoraFileError(f"{path} is not a UNet LoRA in a format diffusers reads: unexpected keys such as {other[:3]}")
+    if not unet:
+        what = "only text-encoder LoRA" if text_encoder else "no LoRA tensors"
+        raise LoraFileError(f"{path} holds {what}; merging needs UNet LoRA layers")
+    if text_encoder:
+        logger.warning("warning: %s also holds %d text-encoder LoRA tensors; they are skipped (merging combines UNet LoRAs)",
+                       path, len(text_encoder))
+    alphas = {key: float(value) for key, value in unet.items() if key.endswith(_ALPHA)}
+    alphas |= {key.removeprefix(UNET_PREFIX): float(value) for key, value in (network_alphas or {}).items() if key.startswith(UNET_PREFIX)}
+    weights = convert_unet_state_dict_to_peft({key: value for key, value in unet.items() if not key.endswith(_ALPHA)})
+    # The same renaming maps an alpha key to its module: ``...to_q_lora.down.weight.alpha`` -> ``...to_q.lora_A.weight``.
+    module_alphas = {key.removesuffix(_ALPHA).removesuffix(_DOWN): value for key, value in convert_unet_state_dict_to_peft(alphas).items()}
+    return weights, module_alphas
+
+
+def _metadata_config(path: Path, metadata: dict[str, str]) -> LoraConfig | None:
+    """The UNet's peft ``LoraConfig`` from diffusers' ``lora_adapter_metadata``, when the file has one."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        packed = json.loads(raw)
+        kwargs = {key.removeprefix(UNET_PREFIX): value for key, value in packed.items() if key.startswith(UNET_PREFIX)}
+        config = LoraConfig(**kwargs) if kwargs else None
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise LoraFileError(f"{path}: its {LORA_ADAPTER_METADATA_KEY} is not a peft LoraConfig ({err}); rewrite the file without it") from err
+    if config is not None and (config.use_dora or config.lora_bias):
+        raise LoraFileError(f"{path} is a DoRA or LoRA-bias adapter; only plain LoRA files can be merged")
+    return config
+
+
+def _scale(path: Path, name: str, rank: int, config: LoraConfig | None, alphas: dict[str, float]) -> float:
+    """The factor peft applies to ``lora_B @ lora_A`` of layer ``name`` (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    if config is None:  # no metadata: kohya alpha, else the diffusers convention alpha = rank
+        return alphas.get(name, rank) / rank
+    r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), name), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), name), config.lora_alpha)
+    if r != rank:
+        raise LoraFileError(f"{path}: layer {name} has rank {rank} but its metadata says r={r}; the file is inconsistent")
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def load_lora(path: str | Path) -> LoraExpert:
+    """Read a UNet LoRA in any layout diffusers loads, with its alpha applied, and its card."""
+    path = Path(path)
+    tensors, metadata = _read_tensors(path)
+    weights, alphas = _unet_part(path, tensors)
+    config = _metadata_config(path, metadata)
+    if config is not None and alphas:
+        raise LoraFileError(f"{path} has both .alpha keys and {LORA_ADAPTER_METADATA_KEY}; keep one (diffusers refuses both)")
+    downs = {k.removesuffix(_DOWN): v for k, v in weights.items() if k.endswith(_DOWN)}
+    ups = {k.removesuffix(_UP): v for k, v in weights.items() if k.endswith(_UP)}
+    unknown = sorted(k for k in weights if not k.endswith((_DOWN, _UP)))
+    if unknown or set(downs) != set(ups):
+        detail = f"unexpected keys such as {unknown[:3]}" if unknown else "lora_A/lora_B (down/up) keys do not pair up"
+        raise LoraFileError(f"{path} is not a UNet LoRA in a format diffusers reads: {detail}")
+    layers = {}
+    for name in sorted(downs):
+        down, up = downs[name].float(), ups[name].float()
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
+            raise LoraFileError(f"{path}: layer {name} has LoRA shapes {tuple(down.shape)}/{tuple(up.shape)}, which do not multiply")
+        scale = _scale(path, name, down.shape[0], config, alphas)
+        root = math.sqrt(abs(scale))
+        layers[name] = LoraFactors(down=down * math.copysign(root, scale), up=up * root)
     return LoraExpert(path=path, layers=layers, card=read_card(path))
 
 

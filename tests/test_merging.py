@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
-from fixtures_train import run_main
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from fixtures_lora import random_layers, write_peft
 
 from safetydpo.merging import MERGES
-from safetydpo.merging.activations import _LayerProbe, collect_activations
+from safetydpo.merging.activations import _LayerProbe, collect_activations, collect_input_magnitudes
 from safetydpo.lora_files import LoraExpert, LoraFactors, LoraFileError, card_path, load_lora, save_lora
-from safetydpo.merging.experts import ExpertMismatchError, check_compatible
+from safetydpo.merging.experts import ExpertMismatchError, check_compatible, merge_base_model
 from safetydpo.merging.files import merge_expert_files
 from safetydpo.models import DPOExpertModule, LoraSettings
 
@@ -108,7 +107,7 @@ def test_comerge_rank_sets_the_merged_size(tiny_pipeline_dir: Path, tmp_path: Pa
             assert merged.layers[name].rank == rank
             if rank == 8:  # every direction of both experts: their sum
                 assert torch.allclose(merged.layers[name].delta(), a.layers[name].delta() + b.layers[name].delta(), atol=1e-5)
-    with pytest.raises(ValueError, match="comerge rank must be >= 1"):
+    with pytest.raises(ValueError, match="comerge rank must be an integer >= 1, got 0"):
         MERGES.build("comerge", rank=0).merge(prepared, collect_activations(unet, prepared, unet_inputs(1)))
 
 
@@ -122,7 +121,7 @@ def test_baselines_on_two_experts(tiny_pipeline_dir: Path, tmp_path: Path) -> No
     svd = MERGES.build("svd", rank=8).merge([a, b], None).layers[name]
     assert torch.allclose(svd.delta(), total, atol=1e-5), "full-rank SVD re-factorisation is exact"
     linear = MERGES.build("linear").merge([a, b], None).layers[name]
-    assert torch.allclose(linear.down, (a.layers[name].down + b.layers[name].down) / 2)
+    assert torch.allclose(linear.down, (a.layers[name].down + b.layers[name].down) / 2**0.5), "peft: sqrt(w) on each factor"
     ties = MERGES.build("ties", density=1.0).merge([a, b], None).layers[name]
     assert ties.rank == 4
     dare_once = MERGES.build("dare", density=0.5, seed=3).merge([a, b], None).layers[name]
@@ -133,12 +132,16 @@ def test_baselines_on_two_experts(tiny_pipeline_dir: Path, tmp_path: Path) -> No
 def test_mismatched_experts_are_named(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
     a = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1, rank=4))
     b = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "b.safetensors", seed=2, rank=2))
-    with pytest.raises(ExpertMismatchError, match=r"b.safetensors layer .* has LoRA shapes .*Co-Merge needs equal ranks"):
-        check_compatible([a, b])
+    check_compatible([a, b])  # every method but comerge combines different ranks
+    with pytest.raises(ExpertMismatchError, match=r"b.safetensors layer .* has rank 2, .*a.safetensors rank 4; Co-Merge needs equal ranks"):
+        check_compatible([a, b], equal_ranks=True)
     c = load_lora(write_expert(tiny_pipeline_dir, tmp_path / "c.safetensors", seed=3, rank=4))
     c.card["base_model"] = "other/model"
     with pytest.raises(ExpertMismatchError, match=r"c.safetensors was trained on base model other/model"):
-        check_compatible([a, c])
+        merge_base_model([a, c], None)
+    with pytest.raises(ExpertMismatchError, match=r"base model other/model is not the one the experts were trained on"):
+        merge_base_model([a], "other/model")
+    assert merge_base_model([a], str(tiny_pipeline_dir)) == str(tiny_pipeline_dir)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(LoraFileError, match="junk.safetensors is not a readable safetensors LoRA file"):
         load_lora(tmp_path / "junk.safetensors")
@@ -197,24 +200,6 @@ def test_merge_command_writes_a_loadable_lora(tiny_pipeline_dir: Path, synthetic
     assert torch.allclose(lora_layer.lora_B[adapter].weight * lora_layer.scaling[adapter], merged.layers[name].up)
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--method", "cat"], r"junk.safetensors is not a readable safetensors LoRA file"),
-        (["--method", "nope"], r"unknown merge method 'nope'; valid choices: cat, comerge"),
-        (["--method", "comerge"], r"comerge needs the base model .* and --data DATASET_DIR"),
-        (["--method", "cat", "--bogus", "1"], r"unrecognized arguments: --bogus 1"),
-    ],
-)
-def test_merge_command_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
-    argv = ["merge", "--experts", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "m.safetensors"), *args]
-    code, _, stderr = run_main(argv, capsys)
-    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
-    assert re.search(message, stderr), stderr
-    assert not (tmp_path / "m.safetensors").exists()
-
-
 def test_merge_pipeline_needs_data_for_comerge(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
     a = write_expert(tiny_pipeline_dir, tmp_path / "a.safetensors", seed=1)
     with pytest.raises(ValueError, match=r"comerge needs activation statistics: give the base UNet and inputs"):
@@ -248,3 +233,50 @@ def test_comerge_callback_merges_after_the_last_expert(tiny_pipeline_dir: Path, 
     assert card["activation_inputs"] == 4, "one batch of 2 pairs, winner and loser each"
     assert card["method_args"]["rank"] == 2 and {f.rank for f in load_lora(merged).layers.values()} == {2}
     assert not never.exists(), "no merge while an expert file is missing"
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two identity layers in a row, called like a UNet: an expert's first-layer update changes the second layer's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.eye(2))
+            self.second.weight.copy_(torch.eye(2))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        return self.second(self.first(latents))
+
+
+def test_comerge_weight_picks_the_most_active_expert_per_weight_on_its_own_inputs() -> None:
+    # a: first update [[2, 0], [0, 0]], second [[0.5, 0], [0, 0]]; b: no first update, second [[0.8, 0], [0, 0.3]].
+    a = LoraExpert(Path("a.safetensors"), {"first": LoraFactors(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0], [0.0]])),
+                                           "second": LoraFactors(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5], [0.0]]))})
+    b = LoraExpert(Path("b.safetensors"), {"first": LoraFactors(torch.zeros(2, 2), torch.zeros(2, 2)),
+                                           "second": LoraFactors(torch.eye(2), torch.tensor([[0.8, 0.0], [0.0, 0.3]]))})
+    x = torch.tensor([[1.0, 1.0]])
+    stats = collect_input_magnitudes(_TwoLayers(), [a, b], [(x, torch.tensor([0]), torch.zeros(1))])
+    assert stats.num_inputs == 1
+    torch.testing.assert_close(stats.scores["first"], torch.ones(2, 2))
+    # Under a's own model the second layer sees (I + first update) x = [3, 1]; under b's it sees x.
+    torch.testing.assert_close(stats.scores["second"], torch.tensor([[3.0, 1.0], [1.0, 1.0]]))
+    merged = MERGES.build("comerge_weight").merge([a, b], stats)
+    torch.testing.assert_close(merged.layers["first"].delta(), torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
+    # Element (0, 0): |0.5| * 3 for a beats |0.8| * 1 for b, although b's weight is larger; (1, 1) only b changes.
+    torch.testing.assert_close(merged.layers["second"].delta(), torch.tensor([[0.5, 0.0], [0.0, 0.3]]), atol=1e-6, rtol=0)
+    assert merged.info["contribution_share"] == {"a": pytest.approx(2 / 3), "b": pytest.approx(1 / 3)}
+
+
+def test_comerge_weight_of_one_expert_keeps_its_update_and_is_written(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    path = write_peft(tmp_path / "a.safetensors", random_layers(unet, 2, seed=1), alpha=4)
+    other = write_peft(tmp_path / "b.safetensors", random_layers(unet, 4, seed=2), alpha=4)
+    expert = load_lora(path)
+    merged = MERGES.build("comerge_weight").merge([expert], collect_input_magnitudes(unet, [expert], unet_inputs(1)))
+    for name, factors in expert.layers.items():
+        torch.testing.assert_close(merged.layers[name].delta(), factors.delta(), atol=1e-6, rtol=1e-5)
+    card = merge_expert_files([path, other], tmp_path / "m.safetensors", method={"name": "comerge_weight", "rank": 3},
+                              unet=unet, inputs=unet_inputs(1))
+    assert card["activation_inputs"] == 2 and sum(card["contribution_share"].values()) == pytest.approx(1.0)
+    assert {factors.rank for factors in load_lora(tmp_path / "m.safetensors").layers.values()} == {3}, "ranks 2 and 4 combine"

@@ -16,7 +16,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the ToyWorld pipeline (configs/pipelines/toyworld.yaml) with its before/after table"),
     "tiny": ("quickstart", "write a tiny SD pipeline and synthetic pairs for a CPU run"),
     "toyworld": ("toyworld", "pretrain / check the embedded ToyWorld model and judge"),
-    "merge": ("merge", "merge expert LoRA files (comerge, linear, cat, svd, ties, dare)"),
+    "merge": ("merge", "merge expert LoRA files with Co-Merge or a baseline (the merges listed below)"),
     "evaluate": ("evaluate", "IP (Q16/NudeNet), FID and CLIPScore of base vs aligned models, with reports"),
     "data": ("data", "build, inspect or import CoProV2-format datasets (prompt pairs + paired renders)"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -40,26 +41,34 @@ def method_spec(method: str | dict[str, Any], args: dict[str, Any]) -> str | dic
     return {"name": method, **args}
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """The activation options, refused before any model is loaded."""
+    for key in ("num_batches", "batch_size"):
+        if options[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {options[key]}")
+    if options["resolution"] < 8 or options["resolution"] % 8:
+        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {options['resolution']}")
+
+
 def merge(options: dict[str, Any]) -> dict[str, Any]:
-    """Build the merge, and for activation-based methods the base UNet and its inputs, then merge."""
-    from safetydpo.lora_files import read_card
-    from safetydpo.merging import MERGES
-    from safetydpo.merging.files import merge_expert_files
+    """Check the experts and options, then for activation-based methods build the base UNet and its inputs, and merge."""
+    from safetydpo.merging.files import plan_merge, run_merge
     from safetydpo.devices import resolve_device
     from safetydpo.models.inputs import base_model_inputs
 
-    spec = method_spec(options["method"], options["args"])
-    method = MERGES.build(spec)
-    base_model = options["base_model"] or read_card(options["experts"][0]).get("base_model")
+    check_options(options)
+    plan = plan_merge(options["experts"], options["out"], method_spec(options["method"], options["args"]), options["base_model"])
     unet = inputs = None
-    if method.needs_activations:
-        if not base_model or not options["data"]:
-            raise ValueError(f"{method.registry_name} needs the base model (--base-model or the experts' cards) and --data DATASET_DIR")
+    if plan.method.needs_activations:
+        if not plan.base_model or not options["data"]:
+            raise ValueError(f"{plan.method.registry_name} needs the base model (--base-model or the experts' cards) and --data DATASET_DIR")
+        if not Path(options["data"]).is_dir():
+            raise FileNotFoundError(f"--data {options['data']} is not a dataset folder; build one with safetydpo data build")
         device = resolve_device(options["device"], "--device")
         unet, inputs = base_model_inputs(
-            base_model, options["data"], options["num_batches"], options["batch_size"], options["resolution"], options["seed"], device
+            plan.base_model, options["data"], options["num_batches"], options["batch_size"], options["resolution"], options["seed"], device
         )
-    return merge_expert_files(options["experts"], options["out"], method=method, unet=unet, inputs=inputs, base_model=base_model)
+    return run_merge(plan, unet=unet, inputs=inputs)
 
 
 def run(argv: list[str]) -> None:

@@ -13,7 +13,8 @@ categories is highest. No reference code was released. Two choices make that rul
 
 Per layer, the ``rank`` most active directions over all experts are kept (activity is defined in
 ``safetydpo.merging.activations``). The default ``rank`` is the experts' rank: the merged LoRA is
-the size of one expert, as in the paper. Experts must share rank and layers (``check_compatible``).
+the size of one expert, as in the paper. Experts must share rank and layers (``check_compatible``);
+``comerge_weight`` is the literal per-weight reading.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from safetydpo.merging.activations import ActivationStats
-from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, refactor
+from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, check_rank, refactor
 from safetydpo.lora_files import LoraExpert, LoraFactors
 
 
@@ -41,10 +42,10 @@ class CoMerge(MergeMethod):
 
     rank: int | None = None
     needs_activations = True
+    needs_equal_ranks = True
 
     def __post_init__(self) -> None:
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"comerge rank must be >= 1, got {self.rank}")
+        check_rank("comerge", self.rank)
 
     def prepare(self, experts: list[LoraExpert]) -> list[LoraExpert]:
         return [principal_directions(expert) for expert in experts]

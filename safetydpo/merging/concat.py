@@ -14,7 +14,7 @@ from safetydpo.lora_files import LoraExpert, LoraFactors
 @MERGES.register("cat")
 @dataclass
 class ConcatMerge(MergeMethod):
-    """Stack ``w_i A_i`` rows and ``B_i`` columns: ``delta W = sum w_i B_i A_i``, rank = sum of ranks."""
+    """Stack ``w_i A_i`` rows and ``B_i`` columns: ``delta W = sum w_i B_i A_i``, rank = sum of ranks (any ranks)."""
 
     weights: list[float] | None = None
 

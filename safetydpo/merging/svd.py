@@ -5,17 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from safetydpo.merging.activations import ActivationStats
-from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, expert_weights, merge_deltas
+from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, check_rank, expert_weights, merge_deltas
 from safetydpo.lora_files import LoraExpert
 
 
 @MERGES.register("svd")
 @dataclass
 class SVDMerge(MergeMethod):
-    """``delta W = sum w_i B_i A_i`` truncated to ``rank`` (default: the experts' rank) by SVD."""
+    """``delta W = sum w_i B_i A_i`` truncated to ``rank`` (default: the largest expert rank, as peft) by SVD."""
 
     weights: list[float] | None = None
     rank: int | None = None
+
+    def __post_init__(self) -> None:
+        check_rank("svd", self.rank)
 
     def merge(self, experts: list[LoraExpert], stats: ActivationStats | None) -> MergeResult:
         weights = expert_weights(self.weights, experts, 1.0)
