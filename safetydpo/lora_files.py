@@ -12,6 +12,7 @@ tools) are read as cards ``{}``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,6 +39,9 @@ EXPERT_FORMAT = "safetydpo.expert/1"
 MERGED_FORMAT = "safetydpo.merged/1"
 #: Every card format this version reads.
 KNOWN_FORMATS = (EXPERT_FORMAT, MERGED_FORMAT)
+
+#: Card key holding the SHA-256 of the weights file: ``read_card`` refuses a card and a file from different saves.
+WEIGHTS_HASH_KEY = "weights_sha256"
 
 UNET_PREFIX = "unet."
 #: Key prefixes of text-encoder LoRA tensors in diffusers' layout (kohya's ``lora_te*_`` are converted to these).
@@ -151,7 +155,19 @@ def read_card(path: str | Path) -> dict[str, Any]:
             f"model card {card_file} has format {written_by!r}, which this safetydpo does not read "
             f"(it reads {', '.join(KNOWN_FORMATS)}); upgrade safetydpo"
         )
+    recorded = card.get(WEIGHTS_HASH_KEY)
+    if recorded is not None and Path(path).is_file() and recorded != file_sha256(Path(path)):
+        raise LoraFileError(
+            f"{path} is not the file its model card {card_file} describes (sha256 differs: a save was interrupted "
+            f"between the two files); rerun the command that wrote {Path(path).name}, or delete {Path(path).name} and its card"
+        )
     return card
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, streamed."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -278,7 +294,8 @@ def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: Lora
 
     ``unet_lora`` is in peft key format with the scale folded into ``lora_B``. Both files are
     written to temporary names and renamed into place, so an interrupted save never leaves a
-    truncated file where a good one was.
+    truncated file where a good one was; the card records the weights' SHA-256, so a kill between
+    the two renames (new weights, old card) is an error when read, not a silently wrong card.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -291,6 +308,7 @@ def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: Lora
             tmp_dir, unet_lora_layers=unet_lora, weight_name=path.name, unet_lora_adapter_metadata=metadata
         )
         os.replace(Path(tmp_dir, path.name), tmp_file)
+        card = {**card, WEIGHTS_HASH_KEY: file_sha256(tmp_file)}  # a kill between the two renames is caught by read_card
     write_json_atomic(card_path(path), card)
     with atomic_file(hub_card_path(path)) as tmp:
         tmp.write_text(hub_card(card, path.name), encoding="utf-8")

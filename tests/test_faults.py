@@ -50,6 +50,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_losses(tiny_pipeline_dir: Pa
     assert step % EVERY == 0 and EVERY <= step < MAX_STEPS
     resumed = run(fit_command(config, "--ckpt_path", str(last), "--trainer.logger.init_args.version", "resumed"), cwd=config.parent)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list(last.parent.glob(".*.tmp")), "a save the kill interrupted left no temporary file after the resumed run"
     finish(full, tmp_path / "full" / "output.log")
 
     expected = logged_losses(tmp_path / "full" / "logs" / "version_0" / "metrics.csv")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from safetydpo.io import atomic_file
-from safetydpo.lora_files import EXPERT_FORMAT, MERGED_FORMAT, hub_card, hub_card_path, save_lora
+from safetydpo.lora_files import EXPERT_FORMAT, MERGED_FORMAT, hub_card, hub_card_path, file_sha256, save_lora
 from safetydpo.models import DPOExpertModule, LoraSettings
 
 
@@ -39,7 +39,7 @@ def unet_output(unet: torch.nn.Module) -> torch.Tensor:
 def test_saved_lora_reproduces_the_trained_unet_in_diffusers(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
     module = randomised_expert(tiny_pipeline_dir)
     path = save_lora(tmp_path / "expert.safetensors", module.lora_weights(), module.unet.peft_config["default"], {"category": "x"})
-    assert json.loads(path.with_suffix(".json").read_text()) == {"category": "x"}
+    assert json.loads(path.with_suffix(".json").read_text()) == {"category": "x", "weights_sha256": file_sha256(path)}
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
     assert keys and all(key.startswith("unet.") and ".lora_" in key for key in keys)

@@ -12,6 +12,7 @@ from diffusers.training_utils import cast_training_params
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from safetydpo.checkpointing import resume_with_config
 from safetydpo.data.batch import PairBatch
 from safetydpo.devices import DTYPES
 from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_loss, check_finite
@@ -87,7 +88,7 @@ class DPOExpertModule(LightningModule):
         self.loss_fn = build_loss(loss)
         self.lora_settings = lora or LoraSettings()
         self.save_hyperparameters(ignore=["loss", "lora"])
-        # A value the `loss` argument accepts: `fit --ckpt_path` re-parses the stored hparams as model arguments.
+        # A value the `loss` argument accepts (a registered class's path: `build_loss` looks it up, never imports it).
         loss_class = type(self.loss_fn)
         self.hparams["loss"] = {
             "class_path": f"{loss_class.__module__}.{loss_class.__qualname__}",
@@ -247,6 +248,9 @@ class DPOExpertModule(LightningModule):
         warmup = max(self.hparams.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        resume_with_config(checkpoint, self)  # the config wins; another base model, LoRA shape or category is an error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, param in self.named_parameters() if param.requires_grad}
