@@ -11,15 +11,51 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
+
+from jsonargparse import set_parsing_settings
 
 T = TypeVar("T")
 
 #: Entry-point group whose modules register plugin classes (ToyWorld's generator, classifier, features).
 PLUGIN_GROUP = "safetydpo.plugins"
 _plugins_loaded = False
+
+#: Packages a config may name in a ``class_path`` (or a callable/type value) without further ado: this
+#: project, Lightning's callbacks, loggers, plugins and strategies, and torch's optimizers and schedulers.
+TRUSTED_IMPORTS: tuple[str, ...] = ("safetydpo", "lightning.pytorch", "lightning.fabric", "torch.optim")
+#: Environment variable naming more trusted packages, comma-separated (``mypkg,lab.callbacks``).
+TRUSTED_IMPORTS_ENV = "SAFETYDPO_TRUSTED_IMPORTS"
+
+
+class UntrustedImportError(ValueError):
+    """``SAFETYDPO_TRUSTED_IMPORTS`` holds something that is not a dotted module name."""
+
+
+def trusted_imports() -> list[str]:
+    """Every package a config may import from: ``TRUSTED_IMPORTS``, the top-level packages of installed
+    ``safetydpo.plugins`` entry points (trusted by installation) and those ``SAFETYDPO_TRUSTED_IMPORTS`` names."""
+    plugins = [point.value.split(":")[0].split(".")[0] for point in entry_points(group=PLUGIN_GROUP)]
+    named = [entry.strip() for entry in os.environ.get(TRUSTED_IMPORTS_ENV, "").split(",") if entry.strip()]
+    for entry in named:
+        if not all(part.isidentifier() for part in entry.split(".")) or entry.split(".")[0] == "jsonargparse":
+            raise UntrustedImportError(f"{TRUSTED_IMPORTS_ENV}: '{entry}' is not a dotted package name such as mypkg or mypkg.callbacks")
+    return sorted({*TRUSTED_IMPORTS, *plugins, *named})
+
+
+def restrict_config_imports() -> None:
+    """Make jsonargparse refuse to import anything outside :func:`trusted_imports` for a config value.
+
+    jsonargparse imports whatever a ``class_path``, a callable or a type given in a YAML, on the
+    command line or in a checkpoint's hyper-parameters names, and instantiating is running: a shared
+    config with ``class_path: os.system`` would run a shell command. Registries never import (see
+    :meth:`Registry.get`); this covers what LightningCLI resolves itself (model, data, callbacks,
+    loggers, plugins). Idempotent; the policy is process-wide, as jsonargparse's settings are.
+    """
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=trusted_imports())
 
 
 def load_plugins() -> None:
