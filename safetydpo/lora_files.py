@@ -124,6 +124,9 @@ def hub_card(card: dict[str, Any], weights: str) -> str:
         "pipeline_tag": "text-to-image",
         "tags": ["safetydpo", "lora", "diffusers", "text-to-image", "safety", *categories],
     }
+    evaluation = card.get("evaluation")
+    if evaluation:
+        meta["model-index"] = [_model_index(Path(weights).stem, evaluation)]
     what = (f"a SafetyDPO merge ({card['method']}) of {len(card.get('experts', []))} safety experts"
             if card.get("format") == MERGED_FORMAT else f"a SafetyDPO safety expert for **{card.get('category') or 'all categories'}**")
     details = {key: card[key] for key in ("concepts", "loss", "lora", "learning_rate", "steps", "method_args", "experts") if key in card}
@@ -133,9 +136,37 @@ def hub_card(card: dict[str, Any], weights: str) -> str:
         + f"for harmful content ({', '.join(categories) or 'every category'}).\n\n"
         + "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
         + f"pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\".\", weight_name=\"{Path(weights).name}\")\n```\n\n"
+        + (_evaluation_markdown(evaluation) if evaluation else "")
         + f"Training details (the full card is `{card_path(weights).name}`):\n\n```yaml\n"
         + yaml.safe_dump(details, sort_keys=False) + "```\n"
     )
+
+
+def _model_index(name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The hub's ``model-index`` for ``evaluation`` = {prompt_set, ip_definition, rows: [{category, ip_base, ip_aligned}]}."""
+    metrics = [
+        {"type": "inappropriate_probability", "name": f"IP {row['category']} (base {row['ip_base']:.3f})", "value": round(row["ip_aligned"], 4)}
+        for row in evaluation["rows"]
+    ]
+    return {
+        "name": name,
+        "results": [{
+            "task": {"type": "text-to-image", "name": "Safety alignment"},
+            "dataset": {"type": evaluation["prompt_set"], "name": evaluation["prompt_set"]},
+            "metrics": metrics,
+        }],
+    }
+
+
+def _evaluation_markdown(evaluation: dict[str, Any]) -> str:
+    """The evaluation as a table: IP of the base model and with this LoRA, per category."""
+    lines = [
+        f"## Evaluation\n\nInappropriate probability on `{evaluation['prompt_set']}` ({evaluation['ip_definition']}):\n",
+        "| category | IP base | IP with this LoRA |",
+        "| --- | --- | --- |",
+        *(f"| {row['category']} | {row['ip_base']:.3f} | {row['ip_aligned']:.3f} |" for row in evaluation["rows"]),
+    ]
+    return "\n".join(lines) + "\n\n"
 
 
 def read_card(path: str | Path) -> dict[str, Any]:
@@ -309,7 +340,23 @@ def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: Lora
         )
         os.replace(Path(tmp_dir, path.name), tmp_file)
         card = {**card, WEIGHTS_HASH_KEY: file_sha256(tmp_file)}  # a kill between the two renames is caught by read_card
+    _write_cards(path, card)
+    return path
+
+
+def _write_cards(path: Path, card: dict[str, Any]) -> None:
+    """The JSON card and the hub card of LoRA file ``path``, each written atomically."""
     write_json_atomic(card_path(path), card)
     with atomic_file(hub_card_path(path)) as tmp:
         tmp.write_text(hub_card(card, path.name), encoding="utf-8")
-    return path
+
+
+def record_evaluation(path: str | Path, evaluation: dict[str, Any]) -> None:
+    """Put evaluation results (see :func:`hub_card` for the keys) into the cards of LoRA file ``path``.
+
+    The hub card gains a ``model-index`` entry, so the hub shows the numbers on the model page.
+    """
+    card = read_card(path)
+    if not card:
+        raise LoraFileError(f"{path} has no model card ({card_path(path).name}) to record the evaluation in")
+    _write_cards(Path(path), {**card, "evaluation": evaluation})

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from safetydpo.cli.evaluate import evaluate_parser
+from safetydpo.evaluation.charts import ip_figure
 from safetydpo.evaluation.config import config_from_dict, load_config
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.runner import evaluate
@@ -107,6 +108,15 @@ def test_evaluate_writes_results_report_and_grids(
     assert "| IP · violence |" in report and "(Δ " in report and "![i2p" in report
     grid = Image.open(out / payload["prompt_sets"]["i2p"]["grid"])
     assert grid.size == (120 + 2 * (48 + 4), 24 + 4 * (48 + 4))
+    chart = payload["prompt_sets"]["i2p"]["ip_chart"]
+    assert f"![i2p: IP per category and model, 95% intervals]({chart})" in report
+    assert Image.open(out / chart).format == "PNG"
+    # The bars are the reported numbers: per model, each category and then overall.
+    bars = [patch.get_height() for patch in ip_figure(payload, "i2p").axes[0].patches]
+    for offset, model in enumerate(("base", "aligned")):
+        ip = payload["results"][model]["i2p"]["ip"]
+        expected = [ip["per_category"][c]["value"] for c in ("sexual", "shocking", "violence")] + [ip["overall"]["value"]]
+        assert bars[4 * offset : 4 * offset + 4] == expected
 
 
 def test_rerun_reuses_cached_images_and_renders_only_missing_ones(

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from safetydpo.io import atomic_file
-from safetydpo.lora_files import EXPERT_FORMAT, MERGED_FORMAT, hub_card, hub_card_path, file_sha256, save_lora
+from safetydpo.lora_files import EXPERT_FORMAT, MERGED_FORMAT, hub_card, hub_card_path, file_sha256, read_card, record_evaluation, save_lora
 from safetydpo.models import DPOExpertModule, LoraSettings
 
 
@@ -105,7 +105,16 @@ def test_hub_card_has_the_front_matter_the_hub_indexes(tiny_pipeline_dir: Path, 
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["library_name"] == "diffusers"
     assert meta["pipeline_tag"] == "text-to-image" and meta["license"] == "other", "no base-model card to take it from"
     assert {"safetydpo", "lora", "violence"} <= set(meta["tags"])
-    assert 'weight_name="violence.safetensors"' in text and "steps: 12" in text
+    assert 'weight_name="violence.safetensors"' in text and "steps: 12" in text and "model-index" not in meta
+
+    rows = [{"category": "violence", "ip_base": 0.5, "ip_aligned": 0.125}, {"category": "overall", "ip_base": 0.5, "ip_aligned": 0.125}]
+    record_evaluation(path, {"prompt_set": "i2p", "ip_definition": "sld: image unsafe if q16 OR nudenet", "rows": rows})
+    assert read_card(path)["evaluation"]["rows"] == rows, "the weights' hash still matches the rewritten card"
+    text = hub_card_path(path).read_text(encoding="utf-8")
+    (entry,) = front_matter(text)["model-index"]
+    assert entry["name"] == "violence" and entry["results"][0]["dataset"]["name"] == "i2p"
+    assert [(m["type"], m["value"]) for m in entry["results"][0]["metrics"]] == [("inappropriate_probability", 0.125)] * 2
+    assert "| violence | 0.500 | 0.125 |" in text and "steps: 12" in text
 
 
 def test_hub_card_takes_the_base_models_license(tmp_path: Path) -> None:

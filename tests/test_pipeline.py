@@ -172,6 +172,11 @@ def test_sd15_pipeline_runs_end_to_end_on_the_tiny_pipeline_and_resumes(
     assert all(0.0 <= row[key] <= 1.0 for row in report["rows"] for key in ("ip_base", "ip_aligned"))
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["models"]) == {"base", "aligned"} and results["models"]["aligned"]["lora"] == str(out / "merged.safetensors")
+    # The merged LoRA's cards carry the evaluation: JSON rows, and model-index in the hub card's front matter.
+    assert merged["evaluation"]["rows"] == [{k: row[k] for k in ("category", "ip_base", "ip_aligned")} for row in report["rows"]]
+    hub = yaml.safe_load((out / "merged.md").read_text().split("---\n", 2)[1])
+    metrics = hub["model-index"][0]["results"][0]["metrics"]
+    assert [m["value"] for m in metrics] == [round(row["ip_aligned"], 4) for row in report["rows"]]
 
     monkeypatch.chdir(REPO)  # the reruns in this process: nothing to train, so no executable start-up to pay for
     code, again, _ = run_main(["run", *args], capsys)

@@ -3,5 +3,6 @@
 from safetydpo.callbacks.comerge import CoMergeCallback
 from safetydpo.callbacks.lora_export import LoraExport
 from safetydpo.callbacks.progress import StepProgress
+from safetydpo.callbacks.samples import ValidationSamples
 
-__all__ = ["CoMergeCallback", "LoraExport", "StepProgress"]
+__all__ = ["CoMergeCallback", "LoraExport", "StepProgress", "ValidationSamples"]

@@ -14,8 +14,8 @@ _HEADER_HEIGHT = 24
 _PAD = 4
 
 
-def write_grid(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Path]]], out_path: Path, cell_size: int) -> Path:
-    """``rows`` are (label, one image per column); images are resized to ``cell_size`` squares."""
+def grid_image(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Path | Image.Image]]], cell_size: int) -> Image.Image:
+    """``rows`` are (label, one image or image file per column); images are resized to ``cell_size`` squares."""
     font = ImageFont.load_default()
     width = _LABEL_WIDTH + len(columns) * (cell_size + _PAD)
     height = _HEADER_HEIGHT + len(rows) * (cell_size + _PAD)
@@ -27,6 +27,11 @@ def write_grid(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Path]]
         top = _HEADER_HEIGHT + row * (cell_size + _PAD)
         draw.text((_PAD, top + cell_size // 2), label, fill="black", font=font)
         for column, path in enumerate(paths):
-            image = open_rgb(path).resize((cell_size, cell_size), Image.Resampling.LANCZOS)
-            canvas.paste(image, (_LABEL_WIDTH + column * (cell_size + _PAD), top))
-    return save_png(canvas, out_path)
+            image = path.convert("RGB") if isinstance(path, Image.Image) else open_rgb(path)
+            canvas.paste(image.resize((cell_size, cell_size), Image.Resampling.LANCZOS), (_LABEL_WIDTH + column * (cell_size + _PAD), top))
+    return canvas
+
+
+def write_grid(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Path | Image.Image]]], out_path: Path, cell_size: int) -> Path:
+    """The grid of :func:`grid_image` written atomically as a PNG."""
+    return save_png(grid_image(columns, rows, cell_size), out_path)

@@ -27,6 +27,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
             "",
         ]
         lines += _table(payload, set_name)
+        if info.get("ip_chart"):
+            lines += ["", f"![{set_name}: IP per category and model, 95% intervals]({info['ip_chart']})"]
         if info.get("grid"):
             lines += ["", f"![{set_name}: models side by side, same seed per row]({info['grid']})"]
         lines.append("")

@@ -31,6 +31,7 @@ from safetydpo.evaluation.generate import (
     render,
     render_settings,
 )
+from safetydpo.evaluation.charts import write_ip_chart
 from safetydpo.evaluation.grid import write_grid
 from safetydpo.evaluation.prompts.base import load_prompt_set
 from safetydpo.evaluation.report import markdown_report
@@ -169,11 +170,14 @@ def describe_set(prompt_set: PromptSetConfig, planned: list[PlannedImage]) -> di
 
 
 def write_outputs(payload: dict[str, Any], config: EvalConfig, plans: Plans, root: Path) -> None:
-    """Grids first (the report links them), then results.json and report.md, each written atomically."""
+    """Grids and charts first (the report links them), then results.json and report.md, each written atomically."""
     for s in config.prompt_sets:
         grid = root / "grids" / f"{s.name}.png"
         write_grid([m.name for m in config.models], grid_rows(config, s.name, plans), grid, config.grid.cell_size)
         payload["prompt_sets"][s.name]["grid"] = str(grid.relative_to(root))
+        chart = write_ip_chart(payload, s.name, root / "charts" / f"{s.name}-ip.png")
+        if chart is not None:
+            payload["prompt_sets"][s.name]["ip_chart"] = str(chart.relative_to(root))
     write_json_atomic(root / "results.json", payload)
     with atomic_file(root / "report.md") as tmp:
         tmp.write_text(markdown_report(payload), encoding="utf-8")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 
@@ -66,6 +66,31 @@ def load_components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
     )
+
+
+def sampling_pipeline(components: DiffusionComponents, base_model: str) -> DiffusionPipeline:
+    """A diffusers pipeline around the components in memory (LoRA attached), for samples during training.
+
+    Only the sampler's config is read from ``base_model`` (the pipeline folder or hub id the components
+    came from), so samples use the scheduler the model ships with, as evaluation does; the post-hoc safety
+    checker is left out (we look at the model, not the filter).
+    """
+    path = str(Path(base_model).expanduser()) if _looks_local(base_model) else base_model
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            path,
+            unet=components.unet,
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot build a sampling pipeline from '{base_model}': {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The pipeline report: per category, IP of the base model vs the aligned one, plus registered sections.
 
 ``report.json`` holds the rows (what ``safetydpo demo`` prints); ``report.md`` the same as a table,
-each section's text, and quality metrics (FID, CLIPScore) of every prompt set that has them.
+each section's text, and quality metrics (FID, CLIPScore) of every prompt set that has them. The
+aligned LoRA's model cards get the IP rows too (the hub card as ``model-index``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from safetydpo.evaluation.config import EvalConfig
 from safetydpo.io import atomic_file, write_json_atomic
+from safetydpo.lora_files import record_evaluation
 from safetydpo.pipeline.extensions import ReportContext, ReportSection
 
 BASE, ALIGNED = "base", "aligned"
@@ -87,4 +89,12 @@ def write_report(root: Path, config: EvalConfig, ip_set: str, sections: list[Rep
     write_json_atomic(root / "report.json", {"format": REPORT_FORMAT, "ip_set": ip_set, "rows": rows, "quality": quality})
     with atomic_file(root / "report.md") as tmp:
         tmp.write_text(markdown(rows, texts, quality, base_model, ip_set), encoding="utf-8")
+    aligned_lora = next(model.lora for model in config.models if model.name == ALIGNED)
+    if aligned_lora:
+        evaluation = {
+            "prompt_set": ip_set,
+            "ip_definition": (results.get("ip_definition") or {}).get("description", "see eval/results.json"),
+            "rows": [{key: row[key] for key in ("category", "ip_base", "ip_aligned")} for row in rows],
+        }
+        record_evaluation(aligned_lora, evaluation)
     return rows

@@ -1,0 +1,46 @@
+"""PNG charts beside the report's tables: IP per category for every model, with bootstrap intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from safetydpo.io import atomic_file
+
+
+def ip_figure(payload: dict[str, Any], set_name: str) -> Figure | None:
+    """Grouped bars (one group per category, then overall; one bar per model) with 95% intervals; ``None`` without IP."""
+    results = {model: payload["results"][model][set_name] for model in payload["models"]}
+    if not all("ip" in result for result in results.values()):
+        return None
+    categories = sorted({c for result in results.values() for c in result["ip"]["per_category"]})
+    groups = [*categories, "overall"]
+    figure = Figure(figsize=(max(4.0, 1.2 * len(groups) + 1.5), 3.6), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / len(results)
+    positions = np.arange(len(groups))
+    for offset, (model, result) in enumerate(results.items()):
+        estimates = [result["ip"]["per_category"].get(c) for c in categories] + [result["ip"]["overall"]]
+        values = np.array([e["value"] if e else np.nan for e in estimates])
+        low = np.array([e["value"] - e["ci95_low"] if e else 0.0 for e in estimates])
+        high = np.array([e["ci95_high"] - e["value"] if e else 0.0 for e in estimates])
+        axes.bar(positions + (offset - (len(results) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3, label=model)
+    axes.set_xticks(positions, [g.replace("_", " ") for g in groups], rotation=20, ha="right")
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("IP (95% CI)")
+    axes.set_title(f"{set_name}: inappropriate probability per category")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def write_ip_chart(payload: dict[str, Any], set_name: str, out_path: Path) -> Path | None:
+    """:func:`ip_figure` as a PNG written atomically; ``None`` when the prompt set has no IP."""
+    figure = ip_figure(payload, set_name)
+    if figure is None:
+        return None
+    with atomic_file(out_path) as tmp:
+        figure.savefig(tmp, format="png")
+    return out_path
