@@ -26,6 +26,7 @@ from jsonargparse.typing import register_type
 
 from safetydpo.evaluation.clip import ClipSpec
 from safetydpo.evaluation.errors import EvaluationError
+from safetydpo.evaluation.protocols import apply_protocol
 from safetydpo.io import read_yaml
 
 METRICS: tuple[str, ...] = ("ip", "clipscore", "fid")
@@ -128,6 +129,9 @@ class FidConfig:
     (FID-CLIP), ``toyworld`` or a plugin's."""
     inception_path: str | None = None
     """``inception-2015-12-05.pt`` (clean-fid's TorchScript Inception) or the folder holding it."""
+    inception_sha256: str | None = None
+    """SHA-256 the Inception file must have (``sha256sum`` of the file you downloaded); another file is refused
+    before ``torch.jit.load`` runs it. ``null``: not checked (no upstream publishes one); results record the hash."""
     clip: ClipSpec = field(default_factory=ClipSpec)
     """The CLIP of ``feature_extractor: clip`` (embeddings are L2-normalised)."""
     extractor_args: Arguments = field(default_factory=Arguments)
@@ -144,6 +148,8 @@ class ClipScoreConfig:
 
     clip: ClipSpec = field(default_factory=ClipSpec)
     """The CLIP that embeds images and prompts."""
+    clamp: bool = True
+    """``max(100 · cos, 0)`` as torchmetrics' CLIPScore; ``false``: the raw ``100 · cos`` (the SafetyDPO release)."""
     batch_size: int = 32
     """Images per forward pass."""
 
@@ -176,6 +182,9 @@ class EvalConfig:
     """Device for rendering, CLIPScore and FID (``cuda``, ``cpu``, ...); ``null``: CUDA when available."""
     bootstrap_resamples: int = 2000
     """Percentile-bootstrap resamples per 95% interval."""
+    protocol: str | None = None
+    """A published protocol that fixes the IP definition and CLIPScore settings: ``safetydpo_release``, ``sld``, ``mace``,
+    ``unlearndiffatk``; ``null``: each section as configured (docs/evaluation.md says which is comparable to which table)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """How images are rendered."""
     ip: IPConfig = field(default_factory=IPConfig)
@@ -275,6 +284,7 @@ def config_from_dict(data: Any, source: str | Path) -> EvalConfig:
     """Check an in-memory evaluation config (a file's content plus programmatic changes); errors name ``source``."""
     config = _parse(EvalConfig, data, "", str(source))
     try:
+        apply_protocol(config, data)
         check_config(config)
     except EvaluationError as err:
         raise EvaluationError(f"{source}: {err}") from None

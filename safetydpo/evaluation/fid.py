@@ -12,6 +12,9 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
+import hashlib
+import re
+
 import numpy as np
 import torch
 from cleanfid.downloads_helper import inception_url
@@ -53,7 +56,7 @@ class ConfiguredFeatures(ABC):
 class InceptionFeatures(ConfiguredFeatures):
     """clean-fid's TorchScript Inception (the FID standard) from a local file or the folder holding it (``fid.inception_path``)."""
 
-    def __init__(self, path: str | None, device: torch.device) -> None:
+    def __init__(self, path: str | None, device: torch.device, sha256: str | None = None) -> None:
         how = f"download {inception_url} once and set fid.inception_path to it (or use fid.feature_extractor: clip)"
         if not path:
             raise EvaluationError(f"FID with the Inception extractor needs fid.inception_path: {how}")
@@ -63,11 +66,21 @@ class InceptionFeatures(ConfiguredFeatures):
             raise EvaluationError(f"fid.inception_path {given}: clean-fid loads a file named {INCEPTION_FILE}")
         if not weights.is_file():
             raise EvaluationError(f"Inception weights not found at {weights}: {how}")
+        # torch.jit.load runs the file's TorchScript program, so a pinned hash is checked before it is loaded.
+        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256.lower()):
+            raise EvaluationError(f"fid.inception_sha256 must be 64 hexadecimal digits (sha256sum's output), got {sha256!r}")
+        with weights.open("rb") as handle:
+            self.sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+        if sha256 is not None and self.sha256 != sha256.lower():
+            raise EvaluationError(
+                f"{weights} has SHA-256 {self.sha256}, not fid.inception_sha256 {sha256.lower()}: refusing to load it; "
+                f"download {inception_url} again"
+            )
         self.model = InceptionV3W(str(weights.parent), download=False, resize_inside=False).to(device).eval()
 
     @classmethod
     def from_config(cls, config: FidConfig, device: torch.device) -> InceptionFeatures:
-        return cls(config.inception_path, device)
+        return cls(config.inception_path, device, config.inception_sha256)
 
     def __call__(self, batch: Tensor) -> Tensor:
         return self.model(batch)

@@ -14,6 +14,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
     lines = ["# Evaluation report", ""]
     if payload.get("ip_definition"):
         lines += [f"**IP definition** — {payload['ip_definition']['description']}.", ""]
+    if payload.get("protocol"):
+        lines += [_protocol_line(payload["protocol"]), ""]
     lines.append("**Models**")
     for name, model in payload["models"].items():
         lora = f" + LoRA `{model['lora']}`" if model["lora"] else ""
@@ -63,11 +65,28 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, Getter, int]]:
         categories = sorted({c for r in results.values() for c in r["ip"]["per_category"]})
         rows += [(f"IP · {c}", lambda r, c=c: r["ip"]["per_category"].get(c), 3) for c in categories]
         rows += [(f"flagged by {n}", lambda r, n=n: r["ip"]["per_classifier"][n], 3) for n in sample["ip"]["per_classifier"]]
+        rows += [
+            (f"detections by {n}", lambda r, n=n: {"value": r["ip"]["per_classifier"][n]["detections"]["total"]}, 0)
+            for n, found in sample["ip"]["per_classifier"].items()
+            if "detections" in found
+        ]
     if "clipscore" in sample:
         rows.append(("CLIPScore", lambda r: r["clipscore"]["overall"], 2))
     if "fid" in sample:
         rows.append((f"FID ({sample['fid']['feature_extractor']})", lambda r: r["fid"], 2))
     return rows
+
+
+def _protocol_line(protocol: dict[str, Any]) -> str:
+    """The protocol, its published counterpart and the CLIPScore and FID models (the IP classes are on the line above)."""
+    clip, fid = protocol["clipscore"]["clip"], protocol["fid"]
+    clipscore = f"{clip['backend']} {clip['model']} ({clip['pretrained']}), {'clamped at 0' if protocol['clipscore']['clamp'] else 'unclamped'}"
+    extractor = fid["feature_extractor"] + (f" ({fid['inception_path']})" if fid["feature_extractor"] == "inception" else "")
+    note = f"; {fid['note']}" if fid["note"] else ""
+    return (
+        f"**Protocol** — `{protocol['name']}`, comparable to {protocol['comparable_to']}. "
+        f"CLIPScore: {clipscore}. FID: {extractor}, {fid['resize']}{note}."
+    )
 
 
 def _format(estimate: dict[str, Any] | None, digits: int) -> str:

@@ -26,7 +26,8 @@ def set_results(
         results["ip"] = {
             **_breakdown(images, unsafe, lambda values: proportion(values, resamples)),
             "per_classifier": {
-                name: proportion([v.unsafe for v in found], resamples).as_dict() for name, found in verdicts.items()
+                name: {**proportion([v.unsafe for v in found], resamples).as_dict(), **_detections(found)}
+                for name, found in verdicts.items()
             },
         }
     if clip is not None:
@@ -35,6 +36,17 @@ def set_results(
         results["fid"] = dict(fid)
     results["prompts"] = _per_prompt(images, root, verdicts, unsafe, clip, resamples)
     return results
+
+
+def _detections(verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """``{"detections": {label: count, ..., "total": count}}`` over all images, for classifiers that count boxes."""
+    if all(verdict.detections is None for verdict in verdicts):
+        return {}
+    totals: dict[str, int] = {}
+    for verdict in verdicts:
+        for label, count in (verdict.detections or {}).items():
+            totals[label] = totals.get(label, 0) + count
+    return {"detections": {**dict(sorted(totals.items())), "total": sum(totals.values())}}
 
 
 def _breakdown(

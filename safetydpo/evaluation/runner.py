@@ -34,6 +34,7 @@ from safetydpo.evaluation.generate import (
 from safetydpo.evaluation.charts import write_ip_chart
 from safetydpo.evaluation.grid import write_grid
 from safetydpo.evaluation.prompts.base import load_prompt_set
+from safetydpo.evaluation.protocols import describe_protocol
 from safetydpo.evaluation.report import markdown_report
 from safetydpo.evaluation.results import set_results
 from safetydpo.io import atomic_file, write_json_atomic
@@ -67,6 +68,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     payload = {
         "format": RESULTS_FORMAT,
         "ip_definition": scorers.definition.as_dict() if scorers.definition else None,
+        "protocol": describe_protocol(config, scorers.definition.as_dict() if scorers.definition else None),
         "baseline": config.baseline_name,
         "generation": asdict(config.generation),
         "models": {m.name: {"base_model": m.base_model, "lora": m.lora} for m in config.models},
@@ -139,13 +141,15 @@ def score_set(
         verdicts = classify_images(paths, scorers.classifiers, config.ip.batch_size, f"classify {label}")
     if "clipscore" in prompt_set.metrics and scorers.clip is not None:
         clip = clip_scores(
-            scorers.clip, paths, [image.prompt.text for image in planned], config.clipscore.batch_size, f"CLIPScore {label}"
+            scorers.clip, paths, [image.prompt.text for image in planned], config.clipscore.batch_size, f"CLIPScore {label}",
+            clamp=config.clipscore.clamp,
         )
     if "fid" in prompt_set.metrics and scorers.fid is not None and prompt_set.fid_reference:
         fid = {
             "value": scorers.fid.score(paths, prompt_set.fid_reference),
             "reference": prompt_set.fid_reference,
             "feature_extractor": config.fid.feature_extractor,
+            "weights_sha256": getattr(scorers.fid.extractor, "sha256", None),  # the Inception file's, when it is one
         }
     return set_results(planned, root, verdicts, clip, fid, config.bootstrap_resamples)
 

@@ -13,10 +13,16 @@ from safetydpo.registry import Registry
 
 @dataclass(frozen=True)
 class Verdict:
-    """One classifier's judgement of one image: flagged or not, and the labels (with scores) behind it."""
+    """One classifier's judgement of one image: flagged or not, and the labels (with scores) behind it.
+
+    ``detections`` counts, per label, the detections at or above the classifier's threshold (NudeNet's
+    boxes), which protocols that report counts rather than shares (MACE) add up; ``None`` for a
+    classifier that does not detect objects (Q16).
+    """
 
     unsafe: bool
     labels: dict[str, float] = field(default_factory=dict)
+    detections: dict[str, int] | None = None
 
 
 class SafetyClassifier(ABC):
