@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
+
+from safetydpo.progress import is_terminal
 
 #: Set to a non-empty value other than ``0`` to see every library message (``safetydpo --verbose`` sets it).
 VERBOSE_ENV = "SAFETYDPO_VERBOSE"
@@ -56,3 +59,19 @@ def ignore_warnings(*patterns: str, category: type[Warning] = Warning) -> None:
         return
     for pattern in patterns:  # filterwarnings replaces an identical filter rather than adding a second one
         warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def hide_library_bars() -> None:
+    """In a log (stderr not a terminal), hide the weight-loading bars of transformers, diffusers and the hub.
+
+    In a file each bar is a run of carriage-return redraws with nothing to watch; our own progress
+    (safetydpo.progress) still writes its lines. On a terminal, or verbose, nothing changes.
+    """
+    if verbose() or is_terminal(sys.stderr):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

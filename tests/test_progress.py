@@ -60,3 +60,20 @@ def test_the_cli_adds_the_step_bar_unless_one_is_configured_or_disabled(
     assert bars() == ["StepProgress"]
     assert bars("--trainer.enable_progress_bar", "false") == []
     assert bars("--trainer.callbacks+=lightning.pytorch.callbacks.RichProgressBar") == ["RichProgressBar"]
+
+
+def test_line_progress_writes_counted_lines_with_eta_and_a_last_line() -> None:
+    import io
+
+    from safetydpo.progress import LineProgress
+
+    stream = io.StringIO()
+    with LineProgress(total=4, desc="render", unit="pair", initial=1, interval=0.0, stream=stream) as bar:
+        for _ in range(3):
+            bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" · ")[0] for line in lines] == ["render: 2/4 pair", "render: 3/4 pair", "render: 4/4 pair", "render: 4/4 pair"]
+    assert all(", ETA " in line for line in lines[:2]) and ", ETA" not in lines[-1], "no ETA once done"
+    quiet = io.StringIO()
+    assert list(LineProgress(range(1000), desc="pairs", unit="concept", interval=3600.0, stream=quiet)) == list(range(1000))
+    assert [line.split(" · ")[0] for line in quiet.getvalue().splitlines()] == ["pairs: 1/1000 concept", "pairs: 1000/1000 concept"]

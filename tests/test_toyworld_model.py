@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,10 @@ def test_short_demo_lowers_ip(tmp_path: Path) -> None:
     assert "IP base" in result.stdout and f"report: {root}/report.md" in result.stdout
     for expected in SILENCED:
         assert expected not in result.stdout + result.stderr, f"silenced as expected in our use: {expected}"
+    # A log gets lines, not carriage-return redraws: rendering, evaluation and activation progress as lines.
+    assert "\r" not in result.stdout + result.stderr
+    for desc in ("render", "activations", "render aligned", "classify aligned/unsafe"):
+        assert re.search(rf"^{desc}: \d+/\d+ \w+ · ", result.stderr, re.MULTILINE), (desc, result.stderr[-2000:])
     rows = json.loads((root / "report.json").read_text())["rows"]
     overall = rows[-1]
     assert overall["category"] == "overall" and sorted(r["category"] for r in rows[:-1]) == ["busy_textures", "dark_scenes", "hot_colors", "sharp_shapes"]

@@ -7,7 +7,7 @@ import os
 import sys
 
 from safetydpo.lightning_cli import SafetyDPOCLI
-from safetydpo.quiet import VERBOSE_ENV
+from safetydpo.quiet import VERBOSE_ENV, hide_library_bars
 
 #: The project's own subcommands (module in safetydpo.cli with a ``run(argv)``, summary); everything
 #: else goes to LightningCLI (fit/validate/test/predict). Modules load on use, keeping start-up light.
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         words = words[1:]
         if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv = [sys.argv[0], *words]
+    hide_library_bars()
     if words and words[0] in PROJECT_COMMANDS:
         importlib.import_module(f"safetydpo.cli.{PROJECT_COMMANDS[words[0]][0]}").run(words[1:])
         return

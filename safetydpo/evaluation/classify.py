@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from safetydpo.evaluation.classifiers import SafetyClassifier, Verdict
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.images import open_rgb
+from safetydpo.progress import progress_bar
 
 
 def classify_images(
@@ -17,7 +16,7 @@ def classify_images(
 ) -> dict[str, list[Verdict]]:
     """Each classifier's verdicts on every image, in order."""
     verdicts: dict[str, list[Verdict]] = {name: [] for name in classifiers}
-    with tqdm(total=len(paths), desc=description, unit="img") as bar:
+    with progress_bar(total=len(paths), desc=description, unit="img") as bar:
         for start in range(0, len(paths), batch_size):
             images = [open_rgb(path) for path in paths[start : start + batch_size]]
             for name, classifier in classifiers.items():

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from tqdm.auto import tqdm
 
 from safetydpo.evaluation.config import GenerationConfig, ModelConfig
 from safetydpo.evaluation.errors import EvaluationError
@@ -23,6 +22,7 @@ from safetydpo.evaluation.images import save_png
 from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.io import write_json_atomic
 from safetydpo.quiet import drop_log_messages
+from safetydpo.progress import progress_bar
 
 RENDER_RECORD = "render.json"
 
@@ -114,7 +114,7 @@ def render(pipe: DiffusionPipeline, images: list[PlannedImage], generation: Gene
     groups: dict[tuple[float, int | None, int | None], list[PlannedImage]] = {}
     for image in images:
         groups.setdefault((image.guidance_scale, image.height, image.width), []).append(image)
-    with tqdm(total=len(images), desc=description, unit="img") as bar:
+    with progress_bar(total=len(images), desc=description, unit="img") as bar:
         for (guidance, height, width), group in groups.items():
             for start in range(0, len(group), generation.batch_size):
                 batch = group[start : start + generation.batch_size]

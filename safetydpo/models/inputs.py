@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from safetydpo.data.batch import PairBatch
 from safetydpo.data.datamodule import pair_batches
 from safetydpo.models.components import DiffusionComponents, encode_images, encode_prompts, freeze, load_components
+from safetydpo.progress import progress_bar
 
 # Independent random streams drawn per pair from (seed, step, dataset row, stream).
 NOISE_STREAM, WINNER_LATENT_STREAM, LOSER_LATENT_STREAM, ANCHOR_LATENT_STREAM = 0, 1, 2, 3
@@ -94,7 +94,7 @@ def activation_inputs(
     """
     device = components.unet.device
     scheduler = components.noise_scheduler
-    for step, batch in enumerate(tqdm(batches, total=total, desc="activations")):
+    for step, batch in enumerate(progress_bar(batches, total=total, desc="activations", unit="batch")):
         winner, loser, embeds = pair_latents(components, batch.to(device), seed, step)
         noise, timesteps = noise_and_timesteps(winner, batch.positions, seed, step, scheduler.config.num_train_timesteps)
         latents = torch.cat([winner, loser])

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
 from safetydpo.toyworld.classifier import ToyWorldClassifier
 from safetydpo.toyworld.stream import HELDOUT_COMBINATIONS
 from safetydpo.toyworld.world import ATTRIBUTES, RESOLUTION, caption
+from safetydpo.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ def sample_images(
 ) -> list[Image.Image]:
     """One image per (prompt, seed); a seed fixes the initial noise, so two prompts can share a layout."""
     images: list[Image.Image] = []
-    for start in tqdm(range(0, len(prompts), settings.batch_size), desc=desc, leave=False):
+    for start in progress_bar(range(0, len(prompts), settings.batch_size), desc=desc):
         chunk = slice(start, start + settings.batch_size)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[chunk]]
         result = pipe(

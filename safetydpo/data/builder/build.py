@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from safetydpo.data.builder.card import write_card
 from safetydpo.data.builder.config import BuildConfig
@@ -37,6 +36,7 @@ from safetydpo.data.coprov2 import (
 )
 from safetydpo.io import atomic_file
 from safetydpo.seeding import derive_seed
+from safetydpo.progress import progress_bar
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _shards(pairs: list[dict[str, Any]], config: BuildConfig) -> list[list[dict[
     return [[_metadata_row(pair, start // size, seed) for pair in pairs[start : start + size]] for start in range(0, len(pairs), size)]
 
 
-def _render_shard(renderer: PairRenderer, root: Path, rows: list[dict[str, Any]], batch_size: int, progress: tqdm) -> None:
+def _render_shard(renderer: PairRenderer, root: Path, rows: list[dict[str, Any]], batch_size: int, progress: Any) -> None:
     """Write the shard's PNGs, then its features file; each file appears atomically."""
     tensors = {}
     for start in range(0, len(rows), batch_size):
@@ -169,7 +169,7 @@ def _build(config: BuildConfig, root: Path) -> BuildResult:
         if pending:
             renderer = PairRenderer(config.render)
             done = sum(len(shards[shard]) for shard in manifest.committed)
-            with tqdm(total=len(pairs), initial=done, desc="render", unit="pair") as progress:
+            with progress_bar(total=len(pairs), initial=done, desc="render", unit="pair") as progress:
                 for shard in pending:
                     _render_shard(renderer, root, shards[shard], config.render.batch_size, progress)
                     manifest.committed.append(shard)

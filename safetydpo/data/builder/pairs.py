@@ -8,14 +8,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from safetydpo.data.builder.errors import BuildError
 from safetydpo.data.builder.generators import PairGenerator
 from safetydpo.data.builder.records import Concept
 from safetydpo.data.builder.validation import PairValidator
 from safetydpo.data.coprov2 import pair_id, slugify, words
 from safetydpo.io import write_json_atomic
+from safetydpo.progress import progress_bar
 
 #: Per-concept generation results, so an interrupted build does not ask the generator twice.
 PAIR_CHECKPOINTS = Path(".build") / "pairs"
@@ -87,7 +86,7 @@ def generate_pairs(
     disk are read back, so a resumed build neither loses nor repeats generator work.
     """
     results = []
-    for concept in tqdm(concepts, desc="pairs", unit="concept"):
+    for concept in progress_bar(concepts, desc="pairs", unit="concept"):
         path = _checkpoint(root, concept)
         if path.is_file():
             results.append(ConceptResult(**json.loads(path.read_text(encoding="utf-8"))))
