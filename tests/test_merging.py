@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from fixtures_lora import random_layers, write_peft
 
 from safetydpo.merging import MERGES
-from safetydpo.merging.activations import _LayerProbe, collect_activations, collect_input_magnitudes
+from safetydpo.merging.activations import _InputProbe, _LayerProbe, collect_activations, collect_input_magnitudes
 from safetydpo.lora_files import LoraExpert, LoraFactors, LoraFileError, card_path, load_lora, save_lora
 from safetydpo.merging.experts import ExpertMismatchError, check_compatible, merge_base_model
 from safetydpo.merging.files import merge_expert_files
@@ -280,3 +280,20 @@ def test_comerge_weight_of_one_expert_keeps_its_update_and_is_written(tiny_pipel
                               unet=unet, inputs=unet_inputs(1))
     assert card["activation_inputs"] == 2 and sum(card["contribution_share"].values()) == pytest.approx(1.0)
     assert {factors.rank for factors in load_lora(tmp_path / "m.safetensors").layers.values()} == {3}, "ranks 2 and 4 combine"
+
+
+def test_input_probe_on_a_convolution_adds_the_lora_and_averages_unfolded_inputs() -> None:
+    """Conv layers (SD's 1x1 proj_in/proj_out, kxk convs): the hook adds peft's conv LoRA, features follow weight.flatten(1)."""
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    generator = torch.Generator().manual_seed(0)
+    factors = LoraFactors(torch.randn(2, 2, 3, 3, generator=generator), torch.randn(3, 2, 1, 1, generator=generator))
+    expert = LoraExpert(Path("a.safetensors"), {"conv": factors})
+    x = torch.randn(2, 2, 5, 5, generator=generator)
+    probe = _InputProbe(conv, [expert], "conv")
+    with torch.no_grad():
+        hooked = conv(x)
+        expected = torch.nn.functional.conv2d(x, conv.weight + factors.delta().view_as(conv.weight), padding=1)
+    probe.handle.remove()
+    torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-5)
+    unfolded = torch.nn.functional.unfold(x, 3, padding=1)  # (batch, 2*3*3, positions), channel-major like weight.flatten(1)
+    torch.testing.assert_close(probe.mean(), unfolded.abs().mean(dim=(0, 2))[None])
