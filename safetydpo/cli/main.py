@@ -8,6 +8,7 @@ import sys
 
 from safetydpo.lightning_cli import SafetyDPOCLI
 from safetydpo.quiet import VERBOSE_ENV, hide_library_bars
+from safetydpo.registry import restrict_config_imports
 
 #: The project's own subcommands (module in safetydpo.cli with a ``run(argv)``, summary); everything
 #: else goes to LightningCLI (fit/validate/test/predict). Modules load on use, keeping start-up light.
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv = [sys.argv[0], *words]
     hide_library_bars()
+    restrict_config_imports()  # every command's config parser, not only fit's (docs/configuration.md)
     if words and words[0] in PROJECT_COMMANDS:
         importlib.import_module(f"safetydpo.cli.{PROJECT_COMMANDS[words[0]][0]}").run(words[1:])
         return
