@@ -50,6 +50,7 @@ class LineProgress:
         self._initial = initial
         self._start = time.monotonic()
         self._last_line = -float("inf")
+        self._last_n: int | None = None
         self._closed = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -75,11 +76,12 @@ class LineProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._line()
+            if self.n != self._last_n:  # the last update already wrote this count
+                self._line()
 
     def _line(self) -> None:
         now = time.monotonic()
-        self._last_line = now
+        self._last_line, self._last_n = now, self.n
         spent = now - self._start
         count = f"{self.n}/{self.total}" if self.total else str(self.n)
         line = f"{self.desc}: {count} {self.unit} · {elapsed(spent)}"

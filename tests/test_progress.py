@@ -72,7 +72,7 @@ def test_line_progress_writes_counted_lines_with_eta_and_a_last_line() -> None:
         for _ in range(3):
             bar.update(1)
     lines = stream.getvalue().splitlines()
-    assert [line.split(" · ")[0] for line in lines] == ["render: 2/4 pair", "render: 3/4 pair", "render: 4/4 pair", "render: 4/4 pair"]
+    assert [line.split(" · ")[0] for line in lines] == ["render: 2/4 pair", "render: 3/4 pair", "render: 4/4 pair"]
     assert all(", ETA " in line for line in lines[:2]) and ", ETA" not in lines[-1], "no ETA once done"
     quiet = io.StringIO()
     assert list(LineProgress(range(1000), desc="pairs", unit="concept", interval=3600.0, stream=quiet)) == list(range(1000))
