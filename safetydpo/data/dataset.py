@@ -20,6 +20,9 @@ from safetydpo.data.batch import PairSample
 from safetydpo.data.coprov2 import FEATURE_KEYS, FEATURES_COLUMN, DatasetError, feature_name, resolve_inside
 from safetydpo.seeding import derive_seed
 
+#: Feature shards a dataset keeps open per process (least recently opened closed first).
+_OPEN_SHARDS = 4
+
 
 def row_id(row: dict[str, Any], position: int) -> str:
     """The row's stable identifier: its ``id`` column, else its position in the metadata table."""
@@ -62,7 +65,12 @@ class PreferencePairDataset(Dataset):
                 v2.Normalize([0.5], [0.5]),
             ]
         )
+        self._shards: dict[Path, Any] = {}
         self._check_files()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open shard handles stay in the process that opened them; a DataLoader worker opens its own.
+        return {**self.__dict__, "_shards": {}}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,8 +110,14 @@ class PreferencePairDataset(Dataset):
         path = self.root / row[FEATURES_COLUMN]
         prefix = row_id(row, position)
         try:
-            with safe_open(str(path), framework="pt") as shard:
-                return {key: shard.get_tensor(feature_name(prefix, key)) for key in FEATURE_KEYS}
+            shard = self._shards.get(path)
+            if shard is None:
+                # Opening a shard (header parse, mmap) costs more than reading one row from it: keep the
+                # last few open (a few file handles), as consecutive rows come from the same shard.
+                if len(self._shards) >= _OPEN_SHARDS:
+                    self._shards.pop(next(iter(self._shards)))
+                shard = self._shards[path] = safe_open(str(path), framework="pt")
+            return {key: shard.get_tensor(feature_name(prefix, key)) for key in FEATURE_KEYS}
         except Exception as err:  # safetensors raises its own error types for missing keys and bad headers
             raise DatasetError(f"{describe_row(row, position)}: cannot read features from {path}: {err}") from err
 

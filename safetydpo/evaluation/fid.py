@@ -6,14 +6,14 @@ from a local file (or is FID-CLIP, or another registered class) and handed to cl
 
 from __future__ import annotations
 
+import hashlib
+import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from glob import glob
 from pathlib import Path
 from typing import Any
-
-import hashlib
-import re
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import Tensor
 from safetydpo.evaluation.clip import ClipEncoder, load_clip
 from safetydpo.evaluation.config import FidConfig
 from safetydpo.evaluation.errors import EvaluationError
+from safetydpo.progress import is_terminal
 from safetydpo.quiet import ignore_warnings
 from safetydpo.registry import Registry
 
@@ -152,6 +153,7 @@ class FidScorer:
             device=self.device,
             mode="clean",
             description=description,
+            verbose=is_terminal(sys.stderr),  # clean-fid's bar redraws; a log gets the evaluation's own lines
         )
 
     def score(self, files: Sequence[str | Path], reference: str | Path) -> float:
