@@ -104,6 +104,9 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
         # Our LoRAs adapt the UNet only; diffusers says so for the text encoder on every load.
         drop_log_messages("diffusers.loaders.lora_base", r"^No LoRA keys associated to CLIPTextModel")
         pipe.load_lora_weights(str(Path(model.lora).expanduser()))
+        # Folded into the base weights: the same model without the adapter's extra matrix products per layer
+        # on every denoising step (differences are float rounding, as between batch sizes).
+        pipe.fuse_lora()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
