@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,21 @@ def remove_stale_temporaries(folder: Path, before: float) -> list[Path]:
     return removed
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk): the message names the file and the free space."""
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start a run whose first ``what`` would not fit on ``folder``'s disk (``needed`` bytes)."""
+    folder = next((parent for parent in (folder, *folder.parents) if parent.exists()), folder)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise CheckpointWriteError(
+            f"{folder} has {free / 2**20:.1f} MiB free but a {what} needs about {needed / 2**20:.1f} MiB; "
+            "free disk space or write it to another disk"
+        )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves each Lightning checkpoint to a temporary file beside it, then renames it into place.
 
@@ -74,8 +90,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         self._clean(path)
-        with atomic_file(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_file(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as a RuntimeError
+            if isinstance(err, RuntimeError) and "write" not in str(err):
+                raise
+            free = shutil.disk_usage(Path(path).parent).free
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path} ({free / 2**20:.0f} MiB free there): {' '.join(str(err).split())}; "
+                "free disk space or set the ModelCheckpoint dirpath to another disk (the previous checkpoint is intact)"
+            ) from err
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         self._clean(path)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from safetydpo.callbacks.progress import StepProgress
+from safetydpo.checkpointing import check_free_space
+from safetydpo.locking import LOCK_NAME, output_lock
 from safetydpo.quiet import drop_log_messages
 from safetydpo.registry import TRUSTED_IMPORTS_ENV, restrict_config_imports, trusted_imports
 
@@ -33,6 +37,65 @@ def categories_for(category: str | None) -> list[str] | None:
 def anchors_for(anchor_weight: float) -> bool:
     """Anchors are served exactly when the anchor term is on."""
     return anchor_weight > 0
+
+
+class FitConfigError(ValueError):
+    """A config value that its class refused when built, with the config key of that class."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception jsonargparse and Lightning wrapped (``raise ... from``)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _key_of(config: Any, class_path: str, prefix: str = "") -> str | None:
+    """The dotted key (``model``, ``trainer.callbacks.1``) of the config entry that names ``class_path``."""
+    if isinstance(config, Namespace):
+        if config.get("class_path") == class_path:
+            return prefix
+        items: Iterator[tuple[str, Any]] = iter(vars(config).items())
+    elif isinstance(config, list):
+        items = ((str(index), value) for index, value in enumerate(config))
+    else:
+        return None
+    for key, value in items:
+        found = _key_of(value, class_path, f"{prefix}.{key}" if prefix else key)
+        if found is not None:
+            return found
+    return None
+
+
+class FitOutputs(Callback):
+    """Locks the folders a fit writes run state to, and checks that a checkpoint fits in them, before step 1.
+
+    The folders are ``default_root_dir`` and every checkpoint ``dirpath``, not the exported expert's
+    folder (experts of several categories share one); a second run into them fails at once. Taken in
+    ``setup``, once the strategy knows the ranks: only global rank 0 locks, the other ranks of a DDP
+    run being the same run. A checkpoint holds the trainable weights and AdamW's two moments of each.
+    """
+
+    def __init__(self) -> None:
+        self._locks = ExitStack()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        checkpoint_dirs = [str(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        checkpoint_dirs = checkpoint_dirs or ([str(trainer.default_root_dir)] if trainer.checkpoint_callbacks else [])
+        local = [Path(f).expanduser().resolve() for f in [str(trainer.default_root_dir), *checkpoint_dirs] if "://" not in f]
+        for folder in dict.fromkeys(local):  # remote (fsspec URL) folders: no flock there
+            self._locks.enter_context(output_lock(folder / LOCK_NAME, "fit"))  # released by on_exception if one is held
+        trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+        for folder in (Path(f).expanduser() for f in checkpoint_dirs if "://" not in f):
+            check_free_space(folder, 3 * trainable + 2**20, "checkpoint")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._locks.close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._locks.close()
 
 
 class _TrustingParser(LightningArgumentParser):
@@ -80,6 +143,20 @@ class SafetyDPOCLI(LightningCLI):
         parser.link_arguments("model.init_args.category", "data.init_args.categories", compute_fn=categories_for)
         parser.link_arguments("model.init_args.anchor_weight", "data.init_args.anchors", compute_fn=anchors_for)
 
+    def instantiate_classes(self) -> None:
+        """A value a class refuses (``lora.rank: -2``) is a :class:`FitConfigError` naming the entry, not jsonargparse's
+        union report around the class's message."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _root_cause(err)
+            if not isinstance(cause, (ValueError, TypeError, OSError, MisconfigurationException)):
+                raise
+            named = re.search(r"class_path='([^']+)'", str(err))
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            key = _key_of(config, named.group(1)) if named else None
+            raise FitConfigError(f"{key} ({named.group(1)}): {cause}" if key and named else str(cause)) from err
+
     def _parse_ckpt_path(self) -> None:
         """Keep the config's model arguments on ``--ckpt_path`` (Lightning replaces them with the checkpoint's).
 
@@ -88,13 +165,14 @@ class SafetyDPOCLI(LightningCLI):
         """
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Add :class:`StepProgress` (steps, not epochs; lines in a log file) unless a bar is configured or disabled."""
+        """Add :class:`FitOutputs`, and :class:`StepProgress` (steps, not epochs; lines in a log file) unless a bar is
+        configured or disabled."""
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         has_bar = any(isinstance(callback, ProgressBar) for callback in [*configured, *callbacks])
         if config.get("enable_progress_bar") is not False and not has_bar:
             callbacks = [*callbacks, StepProgress()]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(config, [*callbacks, FitOutputs()])
 
 
 class _ParseOnlyCLI(SafetyDPOCLI):
@@ -108,7 +186,7 @@ class _ParseOnlyCLI(SafetyDPOCLI):
 
 
 @contextmanager
-def _own_argv() -> Iterator[None]:
+def own_argv() -> Iterator[None]:
     """LightningCLI warns when called with ``args`` while ``sys.argv`` holds another command's words."""
     saved = sys.argv
     sys.argv = saved[:1]
@@ -120,12 +198,12 @@ def _own_argv() -> Iterator[None]:
 
 def parse_fit_config(args: Sequence[str]) -> tuple[LightningArgumentParser, Namespace]:
     """The parser and parsed namespace of ``safetydpo fit ARGS`` (without the subcommand); raises on bad input."""
-    with _own_argv():
+    with own_argv():
         cli = _ParseOnlyCLI(args=args, run=False, parser_kwargs={"exit_on_error": False})
     return cli.parser, cli.config
 
 
 def run_fit(args: Sequence[str]) -> None:
     """``safetydpo fit ARGS`` in this process."""
-    with _own_argv():
+    with own_argv():
         SafetyDPOCLI(args=["fit", *args])

@@ -152,7 +152,7 @@ def test_sd15_pipeline_runs_end_to_end_on_the_tiny_pipeline_and_resumes(
     broken = safetydpo("run", *args, "--experts.per_category", json.dumps({"violence": {"model": {"init_args": {"lora": {"rank": -2}}}}}))
     assert broken.returncode == 2, broken.stderr[-3000:]
     assert broken.stderr.strip().splitlines()[-1].startswith("safetydpo run: error: experts/violence failed"), broken.stderr[-2000:]
-    assert "LoRA rank must be >= 1, got -2" in broken.stderr
+    assert "lora.rank must be >= 1 (4 to 64 are usual), got -2" in broken.stderr
     assert (out / "data.stage.json").is_file() and (out / "experts" / "harassment.safetensors").is_file()
     assert not (out / "experts" / "violence.safetensors").exists()
 

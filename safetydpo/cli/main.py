@@ -5,9 +5,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
 
-from safetydpo.lightning_cli import SafetyDPOCLI
-from safetydpo.quiet import VERBOSE_ENV, hide_library_bars
+from jsonargparse import ArgumentError
+
+import safetydpo
+from safetydpo.lightning_cli import SafetyDPOCLI, own_argv
+from safetydpo.quiet import VERBOSE_ENV, hide_library_bars, verbose
 from safetydpo.registry import restrict_config_imports
 
 #: The project's own subcommands (module in safetydpo.cli with a ``run(argv)``, summary); everything
@@ -23,9 +29,44 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def lightning_main(argv: list[str] | None = None) -> None:
-    """``lightning fit --config expert.yaml``: the command users know from Lightning's CLI docs."""
-    SafetyDPOCLI(args=argv)
+#: Where the project's own ``raise`` statements live (a ValueError raised there is a message for the user).
+_PACKAGE_DIR = str(Path(safetydpo.__file__).parent)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """An error the user fixes in the input: a project error class, or a ValueError, FloatingPointError or
+    OSError raised by the project's own code (its messages name the culprit), anywhere in the chain."""
+    while err is not None:
+        if type(err).__module__.split(".")[0] == "safetydpo":
+            return True
+        frames = traceback.extract_tb(err.__traceback__)
+        if isinstance(err, (ValueError, FloatingPointError, OSError)) and frames and frames[-1].filename.startswith(_PACKAGE_DIR):
+            return True
+        err = err.__cause__
+    return False
+
+
+def lightning_main(argv: list[str] | None = None, prog: str = "lightning") -> None:
+    """``lightning fit --config expert.yaml``: the command users know from Lightning's CLI docs.
+
+    A bad key or value, and a project error (dataset, resume, allow-list, NaN loss), end the run with
+    one line and status 2 (``--verbose`` / SAFETYDPO_VERBOSE=1: the traceback).
+    """
+    from safetydpo.cli.run import fail
+
+    words = sys.argv[1:] if argv is None else argv
+    prog = f"{prog} {words[0]}" if words and not words[0].startswith("-") else prog
+    try:
+        with nullcontext() if argv is None else own_argv():  # LightningCLI reads sys.argv when given no args
+            SafetyDPOCLI(args=argv, parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:
+        from safetydpo.pipeline.stages import condense_parse_error
+
+        fail(prog, err if verbose() else ValueError(condense_parse_error(str(err))))
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        fail(prog, err)
 
 
 def registered_names() -> dict[str, list[str]]:
@@ -70,4 +111,4 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not words or words[0] in ("-h", "--help"):
         print(help_text())
-    lightning_main(None if argv is None else words)
+    lightning_main(None if argv is None else words, prog="safetydpo")

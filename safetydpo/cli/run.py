@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import fields
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from safetydpo.io import read_yaml
+from safetydpo.quiet import verbose
 from safetydpo.pipeline.config import STAGES, PipelineConfig, from_dict, unknown_key
 from safetydpo.pipeline.runner import run_pipeline
 from safetydpo.pipeline.stages import PipelineError, condense_parse_error
-
-#: Set to 1 to see the traceback behind a one-line error.
-VERBOSE_ENV = "SAFETYDPO_VERBOSE"
 
 
 def pipeline_parser(prog: str, description: str) -> ArgumentParser:
@@ -59,7 +56,7 @@ def parse(parser: ArgumentParser, argv: list[str]) -> tuple[PipelineConfig, Name
 
 def fail(prog: str, err: BaseException) -> None:
     """Print one line (or the traceback with SAFETYDPO_VERBOSE=1) and exit with status 2."""
-    if os.environ.get(VERBOSE_ENV) == "1":
+    if verbose():
         raise err
     sys.stderr.write(f"{prog}: error: {' '.join(str(err).split())}\n")
     raise SystemExit(2)

@@ -89,7 +89,14 @@ def _stack(samples: list[PairSample], name: str) -> Tensor | None:
                 f"{sample.row}: {name} has shape {tuple(value.shape)}, {samples[first].row} has {tuple(values[first].shape)}; "
                 "rebuild its features at one resolution (safetydpo data build) or set data.init_args.use_precomputed: false"
             )
-    return torch.stack(values)
+    stacked = torch.stack(values)
+    if not torch.isfinite(stacked).all():
+        bad = next(sample for sample, value in zip(samples, values) if not torch.isfinite(value).all())
+        raise DatasetError(
+            f"{bad.row}: {name} holds NaN or inf values (a corrupt feature shard); rebuild its features "
+            "(safetydpo data build) or set data.init_args.use_precomputed: false"
+        )
+    return stacked
 
 
 def collate_pairs(samples: list[PairSample]) -> PairBatch:

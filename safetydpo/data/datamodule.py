@@ -79,6 +79,12 @@ class CoProV2DataModule(LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (pairs per step and device), got {batch_size}")
+        if resolution < 8 or resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 loads in the training process), got {num_workers}")
         self.augmentation = PairAugmentation(caption_dropout=caption_dropout, flip=flip)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)

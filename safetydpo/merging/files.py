@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from safetydpo.locking import output_lock
 from safetydpo.lora_files import MERGED_FORMAT, LoraExpert, load_lora, lora_config_for, save_lora, state_dict_for
 from safetydpo.merging.base import MERGES, MergeMethod
 from safetydpo.merging.experts import check_compatible, merge_base_model
@@ -67,7 +68,15 @@ def run_merge(
     unet: torch.nn.Module | None = None,
     inputs: Iterable[tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """Merge a checked plan and write the LoRA; returns its model card. See ``merge_expert_files``."""
+    """Merge a checked plan and write the LoRA; returns its model card. See ``merge_expert_files``.
+
+    One merge at a time writes an output file (the lock file beside it, ``.NAME.lock``).
+    """
+    with output_lock(plan.output.parent / f".{plan.output.name}.lock", "merge", MergeError):
+        return _run_merge(plan, unet, inputs)
+
+
+def _run_merge(plan: MergePlan, unet: torch.nn.Module | None, inputs: Iterable[tuple[Tensor, Tensor, Tensor]] | None) -> dict[str, Any]:
     method = plan.method
     experts = method.prepare(plan.experts)
     stats = None

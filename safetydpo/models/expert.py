@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextvars import ContextVar
 from typing import Any
 
@@ -83,8 +84,14 @@ class DPOExpertModule(LightningModule):
         scale_lr: bool = False,
     ) -> None:
         super().__init__()
-        if anchor_weight < 0:
-            raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight}")
+        if not (math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0 (1e-5 to 1e-3 are usual for a LoRA), got {learning_rate}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
+            raise ValueError(f"anchor_weight must be a finite number >= 0 (0 disables the anchor term), got {anchor_weight}")
         self.loss_fn = build_loss(loss)
         self.lora_settings = lora or LoraSettings()
         self.save_hyperparameters(ignore=["loss", "lora"])

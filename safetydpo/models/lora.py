@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,14 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     dropout: float = 0.0
     init_weights: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1 (4 to 64 are usual), got {self.rank}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora.alpha must be a positive number, or null for alpha = rank, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
     def to_peft(self) -> LoraConfig:
         init: bool | str = True if self.init_weights == "kaiming" else self.init_weights
@@ -49,8 +58,6 @@ def _target_choices(names: list[str]) -> list[str]:
 
 def attach_lora(unet: UNet2DConditionModel, settings: LoraSettings) -> None:
     """Add a trainable LoRA adapter to ``unet``; every target pattern must match at least one layer."""
-    if settings.rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {settings.rank}")
     names = _adaptable_module_names(unet)
     unmatched = [
         target for target in settings.target_modules if not any(n == target or n.endswith(f".{target}") for n in names)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from safetydpo.data.builder.errors import BuildError
+from safetydpo.data.builder.lock import output_lock
 from safetydpo.data.builder.manifest import MANIFEST_FILE
 from safetydpo.data.builder.pair_table import check_pair_row, check_unique_ids
 from safetydpo.data.builder.records import Concept
@@ -194,15 +195,31 @@ def import_table(
     taxonomy: Path | None = None,
     columns: dict[str, str] | None = None,
 ) -> ImportResult:
-    """Write ``out_dir/pairs.parquet`` (and ``metadata.parquet`` when ``images`` is given) from ``table``."""
+    """Write ``out_dir/pairs.parquet`` (and ``metadata.parquet`` when ``images`` is given) from ``table``.
+
+    One import (or build) at a time writes ``out_dir``; a failed import into a new folder removes it.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"--out {out_dir} is a file; name a folder")
+    created = not out_dir.exists()
+    try:
+        with output_lock(out_dir, "import"):
+            return _import_table(table, out_dir, layout, images, taxonomy, columns)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _import_table(
+    table: Path, out_dir: Path, layout: str, images: Path | None, taxonomy: Path | None, columns: dict[str, str] | None
+) -> ImportResult:
     if layout not in LAYOUTS:
         raise BuildError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
     if (out_dir / MANIFEST_FILE).is_file():
         raise BuildError(f"{out_dir} is a build folder ({MANIFEST_FILE}); import into a new folder")
     if images is None and (out_dir / METADATA_FILE).is_file():
         raise BuildError(f"{out_dir} holds a {METADATA_FILE} that this import would leave stale; pass --images or import into a new folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BuildError(f"--out {out_dir} is a file; name a folder")
     rows = read_table(table, error=BuildError)
     if not rows:
         raise BuildError(f"table {table} has no rows")

@@ -1,26 +1,17 @@
-"""One build per output folder: a second concurrent build would delete the first one's temporary files."""
+"""One build or import per output folder: a second concurrent one would delete the first one's temporary files."""
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from safetydpo.data.builder.errors import BuildError
+from safetydpo.locking import output_lock as hold_lock
 
 
 @contextmanager
-def output_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``root/.build/lock``; the OS drops it when the process dies, even by SIGKILL."""
-    path = root / ".build" / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildError(f"another build is writing {root} (lock {path} is held)") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def output_lock(root: Path, what: str = "build") -> Iterator[None]:
+    """Hold ``root/.build/lock`` (see :func:`safetydpo.locking.output_lock`); a held lock is a :class:`BuildError`."""
+    with hold_lock(root / ".build" / "lock", what, BuildError):
+        yield
