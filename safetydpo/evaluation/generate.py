@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
@@ -21,6 +22,7 @@ from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.images import save_png
 from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.io import write_json_atomic
+from safetydpo.lora_files import LoraFileError, load_lora
 from safetydpo.quiet import drop_log_messages
 from safetydpo.progress import progress_bar
 
@@ -103,12 +105,28 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
     if model.lora:
         # Our LoRAs adapt the UNet only; diffusers says so for the text encoder on every load.
         drop_log_messages("diffusers.loaders.lora_base", r"^No LoRA keys associated to CLIPTextModel")
-        pipe.load_lora_weights(str(Path(model.lora).expanduser()))
+        lora = Path(model.lora).expanduser()
+        try:
+            load_lora(lora)  # refuses what would render garbage (non-finite weights) or what diffusers would choke on
+            pipe.load_lora_weights(str(lora))
+        except (LoraFileError, ValueError, KeyError, RuntimeError, OSError) as err:
+            raise EvaluationError(f"model '{model.name}': cannot load LoRA {lora}: {' '.join(str(err).split())}") from err
         # Folded into the base weights: the same model without the adapter's extra matrix products per layer
         # on every denoising step (differences are float rounding, as between batch sizes).
         pipe.fuse_lora()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_render(picture: np.ndarray, image: PlannedImage, description: str) -> None:
+    """Refuse a render that is not finite or a single colour: broken weights (a NaN LoRA renders black), not a
+    result to score and cache."""
+    if not np.isfinite(picture).all() or picture.min() == picture.max():
+        kind = "non-finite values" if not np.isfinite(picture).all() else f"a single colour ({float(picture.min()):.3f})"
+        raise EvaluationError(
+            f"{description}: the render of prompt '{image.prompt.text[:60]}' (seed {image.seed}) has {kind}, so the model's "
+            "weights are broken (NaN or inf in the base model or LoRA); nothing of it was cached or scored"
+        )
 
 
 @torch.no_grad()
@@ -128,7 +146,9 @@ def render(pipe: DiffusionPipeline, images: list[PlannedImage], generation: Gene
                     height=height,
                     width=width,
                     num_inference_steps=generation.num_inference_steps,
+                    output_type="np",
                 )
                 for picture, image in zip(output.images, batch):
-                    save_png(picture, image.path)
+                    check_render(picture, image, description)
+                    save_png(pipe.numpy_to_pil(picture[None])[0], image.path)
                 bar.update(len(batch))

@@ -33,11 +33,13 @@ from safetydpo.evaluation.generate import (
 )
 from safetydpo.evaluation.charts import write_ip_chart
 from safetydpo.evaluation.grid import write_grid
+from safetydpo.evaluation.images import is_readable
 from safetydpo.evaluation.prompts.base import load_prompt_set
 from safetydpo.evaluation.protocols import describe_protocol
 from safetydpo.evaluation.report import markdown_report
 from safetydpo.evaluation.results import set_results
 from safetydpo.io import atomic_file, write_json_atomic
+from safetydpo.locking import LOCK_NAME, output_lock
 
 RESULTS_FORMAT = "safetydpo.eval/1"
 Plans = dict[tuple[str, str], list[PlannedImage]]
@@ -54,10 +56,18 @@ class Scorers:
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Run the whole evaluation ``config`` describes; returns the payload written to ``results.json``."""
+    """Run the whole evaluation ``config`` describes; returns the payload written to ``results.json``.
+
+    One evaluation at a time writes ``output_dir`` (its lock file ``.safetydpo.lock``).
+    """
     device = resolve_device(config.device, "device", EvaluationError)
     dtype = resolve_dtype(config.generation.dtype, device, "generation.dtype", EvaluationError)
     root = Path(config.output_dir).expanduser()
+    with output_lock(root / LOCK_NAME, "evaluation", EvaluationError):
+        return _evaluate(config, root, device, dtype)
+
+
+def _evaluate(config: EvalConfig, root: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     plans = plan_all(config, root)
     for model in config.models:
         check_model(model)
@@ -120,9 +130,13 @@ def render_model(
     dtype: torch.dtype,
     root: Path,
 ) -> None:
-    """Render the images of ``model`` that are not cached yet; the pipeline is loaded only if there are any."""
+    """Render the images of ``model`` not cached yet, or whose cached file is damaged; the pipeline is loaded only if
+    there are any."""
     claim_folder(root / "images" / model.name, render_settings(model, generation, dtype))
-    missing = [image for image in planned if not image.path.is_file()]
+    missing = [image for image in planned if not is_readable(image.path)]
+    damaged = [image.path for image in missing if image.path.exists()]
+    if damaged:
+        tqdm.write(f"{model.name}: {len(damaged)} cached image(s) unreadable (first: {damaged[0]}), rendering them again")
     tqdm.write(f"{model.name}: {len(planned) - len(missing)} cached image(s), {len(missing)} to render")
     if missing:
         render(load_pipeline(model, device, dtype), missing, generation, f"render {model.name}")
