@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="merge methods (default: every registered one)")
     parser.add_argument("--rank", type=int, default=None, help="rank of the methods that take one (default: the pipeline's merge rank)")
     parser.add_argument("--all-single-steps", type=int, default=None, help="default: expert steps x number of categories")
+    parser.add_argument("--skip-all-single", action="store_true", help="merges only (the all-single LoRA is a training run no merge change affects)")
     args, pipeline_args = parser.parse_known_args()
     config, _ = parse(pipeline_parser("merge_ablation", ""), ["--config", str(TOYWORLD_PIPELINE), *pipeline_args])
     run_pipeline(config)
@@ -99,7 +100,8 @@ def main() -> None:
     loras = merge_all(config, experts, folder, specs)
     fit = yaml.safe_load((root / "configs" / "experts" / f"{config.experts.categories[0]}.yaml").read_text(encoding="utf-8"))
     steps = args.all_single_steps or fit["trainer"]["max_steps"] * len(experts)
-    loras[ALL_SINGLE] = train_all_single(root, config.experts.categories[0], folder, steps)
+    if not args.skip_all_single:
+        loras[ALL_SINGLE] = train_all_single(root, config.experts.categories[0], folder, steps)
 
     evaluation = yaml.safe_load((root / "configs" / "eval.yaml").read_text(encoding="utf-8"))
     evaluation["models"] = [evaluation["models"][0], *({"name": name, "base_model": config.base_model, "lora": str(path)} for name, path in loras.items())]
@@ -112,7 +114,7 @@ def main() -> None:
     for model in loras:
         columns = fidelity.compute(ReportContext(config=eval_config, results=results, base=BASE, aligned=model, output=folder)).columns
         rows[model] = [{**row, **columns[row["category"]]} for row in ip_rows(results, ip_set, aligned=model)]
-    write_json_atomic(folder / "merge_ablation.json", {"methods": specs, "all_single_steps": steps, "rows": rows})
+    write_json_atomic(folder / "merge_ablation.json", {"methods": specs, "all_single_steps": None if args.skip_all_single else steps, "rows": rows})
 
     categories = [row["category"] for row in next(iter(rows.values()))]
     print("\nIP on held-out unsafe prompts (base model first); fidelity on the same prompts; FID on safe prompts")
