@@ -159,3 +159,23 @@ def test_a_run_whose_checkpoint_cannot_fit_on_the_disk_does_not_start(tmp_path: 
     check_free_space(tmp_path / "not" / "yet", free // 2, "checkpoint")  # a folder to be created: its disk is checked
     with pytest.raises(CheckpointWriteError, match=rf"^{re.escape(str(tmp_path))} has [\d.]+ MiB free but a checkpoint needs about [\d.]+ MiB; free disk"):
         check_free_space(tmp_path, free + 2**40, "checkpoint")
+
+
+def test_features_of_another_base_model_name_the_row(tiny_pipeline_dir: Path) -> None:
+    from safetydpo.models.components import load_components
+    from safetydpo.models.inputs import pair_latents
+
+    components = load_components(str(tiny_pipeline_dir))
+    channels, width = components.unet.config.in_channels, components.text_encoder.config.hidden_size
+    embeds = torch.zeros(5, width)
+    good = collate_pairs([sample(3, torch.randn(channels, 4, 4)), sample(4, torch.randn(channels, 4, 4))])
+    good.prompt_embeds = torch.zeros(2, 5, width)
+    assert pair_latents(components, good, 0, 0)[0].shape == (2, channels, 4, 4)
+    wider = collate_pairs([sample(3, torch.randn(channels + 4, 4, 4))])
+    wider.prompt_embeds = embeds[None]
+    with pytest.raises(DatasetError, match=rf"^dataset row 3: its features have {channels + 4} latent channels, the base model takes {channels}; .*rebuild them"):
+        pair_latents(components, wider, 0, 0)
+    other_text = collate_pairs([sample(9, torch.randn(channels, 4, 4))])
+    other_text.prompt_embeds = torch.zeros(1, 5, width * 2)
+    with pytest.raises(DatasetError, match=rf"^dataset row 9: its features have {width * 2} text embedding width, the base model takes {width}"):
+        pair_latents(components, other_text, 0, 0)

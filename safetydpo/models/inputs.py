@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from safetydpo.data.batch import PairBatch
+from safetydpo.data.coprov2 import DatasetError
 from safetydpo.data.datamodule import pair_batches
 from safetydpo.models.components import DiffusionComponents, encode_images, encode_prompts, freeze, load_components
 from safetydpo.progress import progress_bar
@@ -46,10 +47,26 @@ def noise_and_timesteps(
     return torch.stack(noise).to(latents), torch.cat(timesteps).to(latents.device)
 
 
+def check_features(components: DiffusionComponents, batch: PairBatch) -> None:
+    """Precomputed features of another base model (latent channels, text width) fail here naming the row, not deep
+    inside the UNet."""
+    assert batch.latents_winner is not None and batch.prompt_embeds is not None
+    expected = {"latent channels": components.unet.config.in_channels, "text embedding width": components.text_encoder.config.hidden_size}
+    found = {"latent channels": batch.latents_winner.shape[1], "text embedding width": batch.prompt_embeds.shape[-1]}
+    for what, size in expected.items():
+        if found[what] != size:
+            raise DatasetError(
+                f"dataset row {int(batch.positions[0])}: its features have {found[what]} {what}, the base model takes {size}; "
+                "they were built with another model: rebuild them with this one (safetydpo data build) or set "
+                "data.init_args.use_precomputed: false"
+            )
+
+
 def pair_latents(components: DiffusionComponents, batch: PairBatch, seed: int, step: int) -> tuple[Tensor, Tensor, Tensor]:
     """Winner latents, loser latents and unsafe-prompt embeddings, from precomputed features when present."""
     if batch.precomputed:
         assert batch.latents_loser is not None and batch.prompt_embeds is not None
+        check_features(components, batch)
         embeds = batch.prompt_embeds
         empty = [i for i, prompt in enumerate(batch.prompts) if not prompt]
         if empty:  # caption dropout emptied these prompts; the shards hold the embeddings of the pairs' own
