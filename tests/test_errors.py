@@ -179,3 +179,17 @@ def test_features_of_another_base_model_name_the_row(tiny_pipeline_dir: Path) ->
     other_text.prompt_embeds = torch.zeros(1, 5, width * 2)
     with pytest.raises(DatasetError, match=rf"^dataset row 9: its features have {width * 2} text embedding width, the base model takes {width}"):
         pair_latents(components, other_text, 0, 0)
+
+
+def test_a_resume_of_another_model_is_one_line(
+    tiny_pipeline_dir: Path, synthetic_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(tmp_path, tiny_pipeline_dir, synthetic_data_dir)
+    config["trainer"].update(max_steps=1, check_val_every_n_epoch=100)
+    config["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = 1
+    path = write_config(tmp_path / "expert.yaml", config)
+    code, _, stderr = run_main(["fit", "--config", str(path)], capsys)
+    assert code == 0, stderr[-3000:]
+    last = Path(config["trainer"]["callbacks"][1]["init_args"]["dirpath"]) / "last.ckpt"
+    argv = ["fit", "--config", str(path), "--ckpt_path", str(last), "--trainer.max_steps=2", "--model.init_args.lora.rank=2"]
+    assert_one_line("safetydpo", argv, r"trained with model\.init_args\.lora\.rank=4, but the config sets 2; resume with the config", capsys)
