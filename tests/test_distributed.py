@@ -11,6 +11,7 @@ from fixtures_train import REPO, csv_logger, finish, fit_command, relative_files
 from safetensors.torch import load_file
 
 from safetydpo.data.sampler import ResumableDistributedSampler
+from safetydpo.locking import LOCK_NAME
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -87,7 +88,8 @@ def test_two_process_ddp_trains_the_single_process_lora(tiny_pipeline_dir: Path,
     written = {name: relative_files(tmp_path / name / "run") for name in runs}
     assert written["ddp"] == written["single"] == written["accumulated"], "rank 1 wrote nothing of its own"
     assert sorted(path for path in written["ddp"] if path.endswith(".safetensors")) == ["experts/violence.safetensors"]
-    assert not [path for path in written["ddp"] if Path(path).name.startswith(".")], "no temporary files left"
+    # Rank 0 alone holds the run folders' locks (safetydpo.locking); nothing else hidden, no temporary file, is left.
+    assert sorted(path for path in written["ddp"] if Path(path).name.startswith(".")) == [f"checkpoints/{LOCK_NAME}", f"logs/{LOCK_NAME}"]
 
     lora = {name: load_file(tmp_path / name / "run" / "experts" / "violence.safetensors") for name in runs}
     reference = torch.cat([value.flatten() for value in lora["single"].values()])
