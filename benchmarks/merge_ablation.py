@@ -92,7 +92,9 @@ def main() -> None:
     args, pipeline_args = parser.parse_known_args()
     config, _ = parse(pipeline_parser("merge_ablation", ""), ["--config", str(TOYWORLD_PIPELINE), *pipeline_args])
     run_pipeline(config)
-    root, folder = Path(config.output), Path(config.output) / "ablation"
+    # One folder per rank: a method's LoRA (and its cached renders) differ with the rank.
+    root = Path(config.output)
+    folder = root / ("ablation" if args.rank is None else f"ablation-rank{args.rank}")
     pipeline_method = config.merge.method if isinstance(config.merge.method, dict) else {}
     rank = args.rank if args.rank is not None else (pipeline_method.get("init_args") or {}).get("rank")
     specs = [method_spec(name, rank) for name in args.methods or MERGES.names()]
