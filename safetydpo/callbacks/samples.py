@@ -81,6 +81,7 @@ class ValidationSamples(Callback):
         self.cell_size = cell_size
         self._classifiers: dict[str, SafetyClassifier] | None = None
         self._base: list[Image.Image] | None = None
+        self._pipe: Any = None
         self._validations = 0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -109,7 +110,9 @@ class ValidationSamples(Callback):
             return
         assert isinstance(pl_module, DPOExpertModule) and self.prompts is not None
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            pipe = sampling_pipeline(pl_module.components, pl_module.hparams.base_model)
+            if self._pipe is None:  # wraps the module's own components, so the LoRA's current weights render
+                self._pipe = sampling_pipeline(pl_module.components, pl_module.hparams.base_model)
+            pipe = self._pipe
             if self._base is None:
                 pl_module.unet.disable_adapters()
                 try:
