@@ -11,6 +11,10 @@ from typing import Any
 
 import pytest
 import yaml
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from safetydpo.checkpointing import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,3 +86,28 @@ def logged_losses(metrics_csv: Path, key: str = "train/loss") -> dict[int, float
 
 def relative_files(root: Path) -> set[str]:
     return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+
+
+def fit_in_process(
+    model: LightningModule,
+    data: LightningDataModule,
+    root: Path,
+    max_steps: int,
+    callbacks: list[Callback],
+    ckpt_path: str | Path | None = None,
+    every: int | None = None,
+    **trainer_args: Any,
+) -> None:
+    """One CPU fit in this process without logger, bar or validation; checkpoints every ``every`` steps to
+    ``root / "ckpt"`` (atomically, as ``safetydpo fit`` writes them) when given, resuming from ``ckpt_path``.
+
+    Seed (``pl.seed_everything``) before building ``model``: its LoRA initialisation draws from the global RNG.
+    """
+    if every:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1)]
+    trainer = Trainer(
+        accelerator="cpu", max_steps=max_steps, callbacks=callbacks, default_root_dir=root, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()], **trainer_args,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import open_clip
 import pytest
 import torch
+from fixtures_train import fit_in_process
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from safetydpo.data import CoProV2DataModule
@@ -150,21 +151,7 @@ class LossRecorder(Callback):
 def fit(pipeline_dir: Path, data_dir: Path, root: Path, max_steps: int, ckpt_path: str | None = None, every: int | None = None) -> LossRecorder:
     pl.seed_everything(0)
     recorder = LossRecorder()
-    callbacks: list[Callback] = [recorder]
-    if every:
-        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=callbacks,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(expert(pipeline_dir), datamodule=violence_data(data_dir), ckpt_path=ckpt_path)
+    fit_in_process(expert(pipeline_dir), violence_data(data_dir), root, max_steps, [recorder], ckpt_path, every)
     return recorder
 
 

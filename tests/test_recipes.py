@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from fixtures_train import REPO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from fixtures_train import REPO, fit_in_process
+from lightning.pytorch.callbacks import Callback
 
 from safetydpo.data import CoProV2DataModule, DatasetError, PairBatch
 from safetydpo.data.augment import FLIP_MODES, PairAugmentation
@@ -146,19 +146,11 @@ class BatchRecorder(Callback):
 def fit(pipeline_dir: Path, data_dir: Path, root: Path, max_steps: int, ckpt_path: str | None = None, every: int | None = None) -> BatchRecorder:
     pl.seed_everything(0)
     recorder = BatchRecorder()
-    callbacks: list[Callback] = [recorder]
-    if every:
-        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1))
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, callbacks=callbacks, default_root_dir=root, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        accumulate_grad_batches=2,
-    )
     model = DPOExpertModule(str(pipeline_dir), lora=LoraSettings(rank=2), learning_rate=1e-4, scale_lr=True)
     data = CoProV2DataModule(
         str(data_dir), categories=["violence"], resolution=32, batch_size=2, val_fraction=0.5, caption_dropout=0.5, flip="independent"
     )
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    fit_in_process(model, data, root, max_steps, [recorder], ckpt_path, every, accumulate_grad_batches=2)
     return recorder
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures_train import fit_in_process
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from safetydpo.checkpointing import AtomicCheckpointIO, ResumeMismatchError, remove_stale_temporaries
 from safetydpo.data import CoProV2DataModule
@@ -34,14 +34,10 @@ class LearningRates(Callback):
 
 def fit(pipeline_dir: Path, data_dir: Path, root: Path, max_steps: int, ckpt_path: Path | None = None, **model: Any) -> LearningRates:
     model = {"category": "violence", "learning_rate": 1e-3, "lora": LoraSettings(rank=4), "warmup_steps": WARMUP, **model}
+    pl.seed_everything(0)
     rates = LearningRates()
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, plugins=[AtomicCheckpointIO()],
-        callbacks=[rates, ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)],
-    )
     data = CoProV2DataModule(str(data_dir), categories=["violence"], resolution=32, batch_size=4, val_fraction=0.34)
-    trainer.fit(DPOExpertModule(str(pipeline_dir), **model), datamodule=data, ckpt_path=ckpt_path)
+    fit_in_process(DPOExpertModule(str(pipeline_dir), **model), data, root, max_steps, [rates], ckpt_path, every=2)
     return rates
 
 
