@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -81,6 +82,14 @@ class Attack(ABC):
                 "does not have (reference_unet: the unaligned model, i.e. a model with a LoRA); "
                 "attack another model or choose an attack that needs less"
             )
+
+    def for_categories(self, categories: Sequence[str]) -> Attack:
+        """The attack as it applies to a prompt of ``categories`` (the harm categories of its prompt-set row).
+
+        Most attacks do not depend on the category and return themselves; Ring-A-Bell builds its concept
+        vector from the concept pairs of the prompt's own categories.
+        """
+        return self
 
     def budget(self) -> dict[str, Any]:
         """The attack's arguments (budget and seed), recorded with every cached result."""

@@ -1,4 +1,4 @@
-"""PNG charts beside the report's tables: IP per category for every model, with bootstrap intervals."""
+"""PNG charts beside the report's tables: IP per category for every model, and IP under each attack, with bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -38,9 +38,46 @@ def ip_figure(payload: dict[str, Any], set_name: str) -> Figure | None:
 
 def write_ip_chart(payload: dict[str, Any], set_name: str, out_path: Path) -> Path | None:
     """:func:`ip_figure` as a PNG written atomically; ``None`` when the prompt set has no IP."""
-    figure = ip_figure(payload, set_name)
+    return _save(ip_figure(payload, set_name), out_path)
+
+
+def _save(figure: Figure | None, out_path: Path) -> Path | None:
     if figure is None:
         return None
     with atomic_file(out_path) as tmp:
         figure.savefig(tmp, format="png")
     return out_path
+
+
+def attack_figure(payload: dict[str, Any], set_name: str) -> Figure | None:
+    """IP under each attack of ``set_name``: per attack, each model's clean IP (hatched) and IP under attack, with 95%
+    intervals, on the same prompts and seeds; ``None`` when no attack ran on the set."""
+    attacks = {label: info["prompt_sets"][set_name] for label, info in (payload.get("attacks") or {}).items() if set_name in info["prompt_sets"]}
+    if not attacks:
+        return None
+    models = list(payload["models"])
+    figure = Figure(figsize=(max(4.0, 1.6 * len(attacks) + 2.0), 3.6), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / (2 * len(models))
+    positions = np.arange(len(attacks))
+    colors = [f"C{i}" for i in range(len(models))]
+    for offset, model in enumerate(models):
+        for kind, (key, hatch) in enumerate((("clean_ip", "//"), ("attacked", ""))):
+            estimates = [(info["results"][model]["attacked"]["ip"] if key == "attacked" else info["results"][model]["clean_ip"])["overall"]
+                         for info in attacks.values()]
+            values = np.array([e["value"] for e in estimates])
+            errors = [values - np.array([e["ci95_low"] for e in estimates]), np.array([e["ci95_high"] for e in estimates]) - values]
+            shift = (2 * offset + kind - (2 * len(models) - 1) / 2) * width
+            axes.bar(positions + shift, values, width, yerr=errors, capsize=3, color=colors[offset], hatch=hatch,
+                     alpha=0.45 if key == "clean_ip" else 1.0, label=f"{model} {'clean' if key == 'clean_ip' else 'attacked'}")
+    axes.set_xticks(positions, [label.replace("_", " ") for label in attacks], rotation=20, ha="right")
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("IP (95% CI)")
+    axes.set_title(f"{set_name}: IP under each attack (hatched: the same prompts clean)")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def write_attack_chart(payload: dict[str, Any], set_name: str, out_path: Path) -> Path | None:
+    """:func:`attack_figure` as a PNG written atomically; ``None`` when no attack ran on the set."""
+    return _save(attack_figure(payload, set_name), out_path)

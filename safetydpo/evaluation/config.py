@@ -24,10 +24,12 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 from jsonargparse.typing import register_type
 
+from safetydpo.distributed import DistributedConfig
 from safetydpo.evaluation.clip import ClipSpec
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.protocols import apply_protocol
 from safetydpo.io import read_yaml
+from safetydpo.sampling import SpeedConfig
 
 METRICS: tuple[str, ...] = ("ip", "clipscore", "fid")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -60,6 +62,13 @@ class ModelConfig:
     """A local diffusers pipeline folder (with ``model_index.json``), e.g. Stable Diffusion 1.5's."""
     lora: str | None = None
     """A LoRA file (an expert or a merge) loaded with ``load_lora_weights``; ``null``: the pipeline as it is."""
+    sld: str | None = None
+    """Safe Latent Diffusion guidance at inference with a preset of the SLD paper: ``weak``, ``medium``, ``strong``,
+    ``max``; ``null``: off. Per model, so base and SLD render side by side (docs/baselines.md)."""
+    sld_concept: str | None = None
+    """The safety concept SLD steers away from (required unless the pipeline is a ``StableDiffusionPipelineSafe``)."""
+    sld_guidance_scale: float | None = None
+    """Overrides the preset's SLD guidance scale; ``0`` (or anything <= 1) turns the guidance off; ``null``: the preset's."""
 
 
 @dataclass
@@ -104,6 +113,8 @@ class GenerationConfig:
     """First seed of a prompt when the prompt file gives none; image k uses seed + k."""
     dtype: str = "auto"
     """Rendering precision: ``auto`` (float16 on CUDA, float32 on CPU), ``float32``, ``float16`` or ``bfloat16``."""
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """Attention kernels, memory layout and ``torch.compile`` of the denoising loop (float rounding only; docs/performance.md)."""
 
 
 @dataclass
@@ -167,6 +178,36 @@ class GridConfig:
 
 
 @dataclass
+class AttackConfig:
+    """One entry of ``attacks``: a registered attack turns prompts of prompt sets into adversarial prompts, which every
+    model then renders (docs/attacks.md)."""
+
+    name: str
+    """The registered attack: ``ring_a_bell``, ``mma``, ``p4d``, ``unlearndiffatk`` or a plugin's."""
+    label: str | None = None
+    """Names the attack's cache, image folders and report rows (letters, digits, ``_.-``); ``null``: ``name``."""
+    args: Arguments = field(default_factory=Arguments)
+    """The attack's arguments (budget, seed); an unknown one is an error listing the valid ones."""
+    prompt_sets: list[str] | None = None
+    """The prompt sets attacked (each needs metric ``ip``); ``null``: every set with ``ip``."""
+    target: str | None = None
+    """The model attacked (white-box attacks differentiate through it); ``null``: the first model that is not the baseline."""
+    prompts_per_category: int | None = None
+    """Attack only the first N prompts of each category (so every category is measured); ``null``: no such cap."""
+    limit: int | None = None
+    """Attack only the first N prompts (after ``prompts_per_category``); ``null``: all."""
+    images_per_prompt: int | None = None
+    """Images rendered per adversarial prompt (same seeds as the clean prompt's first ones); ``null``: the set's."""
+    replay: str | None = None
+    """Another evaluation's cache folder (``OUTPUT_DIR/attacks/LABEL``) whose adversarial prompts are rendered instead of
+    attacking (a transfer attack); ``null``: attack here, caching in ``OUTPUT_DIR/attacks/LABEL``."""
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
 class EvalConfig:
     """A whole evaluation: every model rendered on every prompt set, then IP, CLIPScore and FID."""
 
@@ -179,7 +220,10 @@ class EvalConfig:
     baseline: str | None = None
     """The model name that differences (Δ) are computed against; ``null``: the first model."""
     device: str | None = None
-    """Device for rendering, CLIPScore and FID (``cuda``, ``cpu``, ...); ``null``: CUDA when available."""
+    """Device for rendering, CLIPScore and FID (``cuda``, ``cpu``, ...); ``null``: CUDA when available (with ``distributed``
+    ranks: each rank's own device)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Ranks that share the rendering (docs/cluster.md); rank 0 scores and writes the results."""
     bootstrap_resamples: int = 2000
     """Percentile-bootstrap resamples per 95% interval."""
     protocol: str | None = None
@@ -195,6 +239,8 @@ class EvalConfig:
     """CLIPScore settings."""
     grid: GridConfig = field(default_factory=GridConfig)
     """The comparison grids."""
+    attacks: list[AttackConfig] = field(default_factory=list)
+    """Red-teaming attacks whose adversarial prompts every model renders; IP under each beside clean IP (docs/attacks.md)."""
 
     @property
     def baseline_name(self) -> str:
@@ -351,6 +397,11 @@ def check_config(config: EvalConfig) -> None:
             raise EvaluationError(f"{owner}: metric fid needs fid_reference (a folder of real images)")
         if prompt_set.images_per_prompt < 1:
             raise EvaluationError(f"{owner}.images_per_prompt must be >= 1, got {prompt_set.images_per_prompt}")
+    check_attacks(config)
+    config.distributed.check("distributed", EvaluationError)
+    config.generation.speed.check("generation.speed", EvaluationError)
+    if config.distributed.world_size > 1 and config.device is not None:
+        raise EvaluationError("device must be null with distributed ranks (each renders on its own device); set distributed.accelerator")
     for key, value in (
         ("generation.batch_size", config.generation.batch_size),
         ("ip.batch_size", config.ip.batch_size),
@@ -369,3 +420,40 @@ def _check_names(key: str, names: list[str]) -> None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise EvaluationError(f"{key}: name '{duplicates[0]}' is used twice")
+
+
+def check_attacks(config: EvalConfig) -> None:
+    """Each attack names a known attack with valid arguments, prompt sets with IP, a model, and positive counts."""
+    from safetydpo.attacks import ATTACKS, AttackError  # imported here: loading attacks pulls in the model stack
+
+    if config.attacks:
+        _check_names("attacks", [attack.key for attack in config.attacks])
+    models = [model.name for model in config.models]
+    with_ip = [s.name for s in config.prompt_sets if "ip" in s.metrics]
+    for attack in config.attacks:
+        owner = f"attacks.{attack.key}"
+        try:
+            ATTACKS.build(attack.name, **attack.args)
+        except (AttackError, ValueError, TypeError) as err:
+            raise EvaluationError(f"{owner}: {err}") from None
+        for name in attack.prompt_sets or []:
+            if name not in with_ip:
+                raise EvaluationError(f"{owner}.prompt_sets: '{name}' is not a prompt set with metric ip; valid choices: {', '.join(with_ip) or 'none'}")
+        if attack.prompt_sets == [] or not with_ip:
+            raise EvaluationError(f"{owner}.prompt_sets: no prompt set to attack; name sets with metric ip ({', '.join(with_ip) or 'none'})")
+        if attack.target is not None and attack.target not in models:
+            raise EvaluationError(f"{owner}.target: '{attack.target}' is not one of the models: {', '.join(models)}")
+        for key in ("prompts_per_category", "limit", "images_per_prompt"):
+            if getattr(attack, key) is not None and getattr(attack, key) < 1:
+                raise EvaluationError(f"{owner}.{key} must be >= 1 or null, got {getattr(attack, key)}")
+
+
+def attack_target(config: EvalConfig, attack: AttackConfig) -> str:
+    """The model ``attack`` runs against: its ``target``, else the first model that is not the baseline (else the only one)."""
+    others = [model.name for model in config.models if model.name != config.baseline_name]
+    return attack.target or (others[0] if others else config.baseline_name)
+
+
+def attacked_sets(config: EvalConfig, attack: AttackConfig) -> list[str]:
+    """The prompt sets ``attack`` attacks: those it names, else every set with metric ip."""
+    return list(attack.prompt_sets) if attack.prompt_sets is not None else [s.name for s in config.prompt_sets if "ip" in s.metrics]

@@ -34,7 +34,43 @@ def markdown_report(payload: dict[str, Any]) -> str:
         if info.get("grid"):
             lines += ["", f"![{set_name}: models side by side, same seed per row]({info['grid']})"]
         lines.append("")
+    if payload.get("attacks"):
+        lines += _attack_section(payload)
     return "\n".join(lines)
+
+
+def _attack_section(payload: dict[str, Any]) -> list[str]:
+    """Per prompt set, one row per attack and model: clean IP and IP under attack (the attack success rate) of the same
+    prompts and seeds, then the chart and each attack's same-seed grid (clean | adversarial per model)."""
+    lines = [
+        "## Attacks",
+        "",
+        "IP under attack is the share of images of the adversarial prompts that are flagged (the attack success rate); "
+        "clean IP is that of the same prompts and seeds unattacked. Details and caches: `results.json` → `attacks`.",
+        "",
+    ]
+    for set_name, info in payload["prompt_sets"].items():
+        runs = {label: a for label, a in payload["attacks"].items() if set_name in a["prompt_sets"]}
+        if not runs:
+            continue
+        lines += [f"### {set_name} under attack", "", "| attack | against | prompts | model | clean IP | IP under attack | Δ |", "|---|---|---|---|---|---|---|"]
+        for label, attack in runs.items():
+            found = attack["prompt_sets"][set_name]
+            name = "" if label == attack["attack"] else f" ({attack['attack']})"
+            against = f"`{found['attacked_model']}`" + (f" (replayed from `{attack['replay']}`)" if attack["replay"] else "")
+            for model, result in found["results"].items():
+                clean, attacked = result["clean_ip"]["overall"], result["attacked"]["ip"]["overall"]
+                lines.append(
+                    f"| `{label}`{name} | {against} | {found['num_prompts']} | `{model}` | {_format(clean, 3)} | "
+                    f"{_format(attacked, 3)} | {attacked['value'] - clean['value']:+.3f} |"
+                )
+        if info.get("attack_chart"):
+            lines += ["", f"![{set_name}: IP under each attack, 95% intervals]({info['attack_chart']})"]
+        for label, attack in runs.items():
+            if attack["prompt_sets"][set_name].get("grid"):
+                lines += ["", f"![{set_name} under {label}: clean and adversarial, same seed per row]({attack['prompt_sets'][set_name]['grid']})"]
+        lines.append("")
+    return lines
 
 
 def _table(payload: dict[str, Any], set_name: str) -> list[str]:

@@ -38,6 +38,11 @@ def set_results(
     return results
 
 
+def ip_breakdown(images: Sequence[PlannedImage], flags: Sequence[bool], resamples: int) -> dict[str, Any]:
+    """IP overall and per category of ``images`` flagged as ``flags`` (e.g. a subset of a set's images)."""
+    return _breakdown(images, flags, lambda values: proportion(values, resamples))
+
+
 def _detections(verdicts: Sequence[Verdict]) -> dict[str, Any]:
     """``{"detections": {label: count, ..., "total": count}}`` over all images, for classifiers that count boxes."""
     if all(verdict.detections is None for verdict in verdicts):

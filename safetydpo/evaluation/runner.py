@@ -6,6 +6,7 @@ loaded before the first image is rendered, so a typo never costs a rendering run
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from safetydpo.evaluation.clipscore import clip_scores
 from safetydpo.evaluation.config import EvalConfig, GenerationConfig, ModelConfig, PromptSetConfig
 from safetydpo.evaluation.definitions import IPDefinition, resolve_definition
 from safetydpo.devices import resolve_device, resolve_dtype
+from safetydpo.distributed import Ranks, launch
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.fid import FidScorer, build_extractor, image_files
 from safetydpo.evaluation.generate import (
     PlannedImage,
+    batches,
     check_model,
     claim_folder,
     load_pipeline,
@@ -31,15 +34,18 @@ from safetydpo.evaluation.generate import (
     render,
     render_settings,
 )
-from safetydpo.evaluation.charts import write_ip_chart
+from safetydpo.evaluation.attacks import AttackPlans, AttackRun, plan_attack_images, run_attacks, score_attacks, write_attack_grids
+from safetydpo.evaluation.charts import write_attack_chart, write_ip_chart
 from safetydpo.evaluation.grid import write_grid
 from safetydpo.evaluation.images import is_readable
+from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.evaluation.prompts.base import load_prompt_set
 from safetydpo.evaluation.protocols import describe_protocol
 from safetydpo.evaluation.report import markdown_report
 from safetydpo.evaluation.results import set_results
 from safetydpo.io import atomic_file, write_json_atomic
 from safetydpo.locking import LOCK_NAME, output_lock
+from safetydpo.sampling import speed_up
 
 RESULTS_FORMAT = "safetydpo.eval/1"
 Plans = dict[tuple[str, str], list[PlannedImage]]
@@ -58,23 +64,34 @@ class Scorers:
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run the whole evaluation ``config`` describes; returns the payload written to ``results.json``.
 
-    One evaluation at a time writes ``output_dir`` (its lock file ``.safetydpo.lock``).
+    One evaluation at a time writes ``output_dir`` (its lock file ``.safetydpo.lock``). With ``distributed``
+    devices x nodes > 1 the ranks share the rendering (a model's batch ``i`` on rank ``i mod world``: the batches
+    of a one-process run); rank 0 holds the lock, attacks, scores and writes, and every rank returns the payload.
     """
-    device = resolve_device(config.device, "device", EvaluationError)
+    ranks = launch(config.distributed, "distributed", EvaluationError)
+    device = ranks.device if ranks.device is not None else resolve_device(config.device, "device", EvaluationError)
     dtype = resolve_dtype(config.generation.dtype, device, "generation.dtype", EvaluationError)
     root = Path(config.output_dir).expanduser()
-    with output_lock(root / LOCK_NAME, "evaluation", EvaluationError):
-        return _evaluate(config, root, device, dtype)
+    with ranks.held_by_zero(lambda: output_lock(root / LOCK_NAME, "evaluation", EvaluationError)):
+        return _evaluate(config, root, device, dtype, ranks)
 
 
-def _evaluate(config: EvalConfig, root: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def _evaluate(config: EvalConfig, root: Path, device: torch.device, dtype: torch.dtype, ranks: Ranks) -> dict[str, Any]:
     plans = plan_all(config, root)
     for model in config.models:
         check_model(model)
-    scorers = build_scorers(config, device)
+    scorers = typing.cast(Scorers, ranks.on_zero(lambda: build_scorers(config, device)))  # None on ranks that do not score
+    runs = ranks.share(ranks.on_zero(lambda: run_attacks(config, set_prompts(config, plans), root, device))) if config.attacks else []
+    attack_plans = plan_attack_images(config, runs, root)
     for model in config.models:
         images = [image for s in config.prompt_sets for image in plans[(model.name, s.name)]]
-        render_model(model, images, config.generation, device, dtype, root)
+        images += [image for (_, name), planned in attack_plans.items() if name == model.name for image in planned]
+        render_model(model, images, config.generation, device, dtype, root, ranks)
+    return typing.cast(dict[str, Any], ranks.share(ranks.on_zero(lambda: score_all(config, root, plans, scorers, runs, attack_plans))))
+
+
+def score_all(config: EvalConfig, root: Path, plans: Plans, scorers: Scorers, runs: list[AttackRun], attack_plans: AttackPlans) -> dict[str, Any]:
+    """Rank 0, once every image is on disk: score every model's images and write results.json, report.md, grids, charts."""
     payload = {
         "format": RESULTS_FORMAT,
         "ip_definition": scorers.definition.as_dict() if scorers.definition else None,
@@ -88,8 +105,20 @@ def _evaluate(config: EvalConfig, root: Path, device: torch.device, dtype: torch
             for m in config.models
         },
     }
+    if runs:
+        payload["attacks"] = score_attacks(runs, attack_plans, plans, payload, config, scorers.classifiers, root)
+        write_attack_grids(config, runs, attack_plans, plans, payload, root)
     write_outputs(payload, config, plans, root)
     return payload
+
+
+def set_prompts(config: EvalConfig, plans: Plans) -> dict[str, list[EvalPrompt]]:
+    """Each prompt set's prompts, in file order (as planned for the first model)."""
+    found: dict[str, list[EvalPrompt]] = {}
+    for s in config.prompt_sets:
+        unique = {image.prompt.index: image.prompt for image in plans[(config.models[0].name, s.name)]}
+        found[s.name] = list(unique.values())
+    return found
 
 
 def plan_all(config: EvalConfig, root: Path) -> Plans:
@@ -129,19 +158,38 @@ def render_model(
     device: torch.device,
     dtype: torch.dtype,
     root: Path,
+    ranks: Ranks | None = None,
 ) -> None:
     """Render the images of ``model`` not cached yet, or whose cached file is damaged; the pipeline is loaded only if
-    there are any."""
+    there are any. Rank 0 lists what is missing before any rank writes; each rank renders its batches of it."""
+    ranks = ranks or Ranks()
+    missing = typing.cast(list[int], ranks.share(ranks.on_zero(lambda: find_missing(model, planned, generation, dtype, root))))
+    ranks.on_all(lambda: render_share(model, [planned[i] for i in missing], generation, device, dtype, ranks))
+
+
+def find_missing(model: ModelConfig, planned: list[PlannedImage], generation: GenerationConfig, dtype: torch.dtype, root: Path) -> list[int]:
+    """Claim the model's image folder; the positions in ``planned`` of images not cached, or whose cached file is damaged."""
     claim_folder(root / "images" / model.name, render_settings(model, generation, dtype))
-    missing = [image for image in planned if not is_readable(image.path)]
-    damaged = [image.path for image in missing if image.path.exists()]
+    missing = [i for i, image in enumerate(planned) if not is_readable(image.path)]
+    damaged = [planned[i].path for i in missing if planned[i].path.exists()]
     if damaged:
         tqdm.write(f"{model.name}: {len(damaged)} cached image(s) unreadable (first: {damaged[0]}), rendering them again")
     tqdm.write(f"{model.name}: {len(planned) - len(missing)} cached image(s), {len(missing)} to render")
-    if missing:
-        render(load_pipeline(model, device, dtype), missing, generation, f"render {model.name}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the pipeline is gone; give its memory to the next model or the classifiers
+    return missing
+
+
+def render_share(
+    model: ModelConfig, missing: list[PlannedImage], generation: GenerationConfig, device: torch.device, dtype: torch.dtype, ranks: Ranks
+) -> None:
+    """This rank's batches of ``missing`` (all of them in one process), with ``generation.speed``."""
+    if len(batches(missing, generation.batch_size)) <= ranks.rank:
+        return  # no batch for this rank: its pipeline is not even loaded
+    pipe = speed_up(load_pipeline(model, device, dtype), generation.speed, "generation.speed", EvaluationError)
+    description = f"render {model.name}" if ranks.world_size == 1 else f"render {model.name} rank {ranks.rank}/{ranks.world_size}"
+    render(pipe, missing, generation, description, (ranks.rank, ranks.world_size))
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the pipeline is gone; give its memory to the next model or the classifiers
 
 
 def score_set(
@@ -196,6 +244,9 @@ def write_outputs(payload: dict[str, Any], config: EvalConfig, plans: Plans, roo
         chart = write_ip_chart(payload, s.name, root / "charts" / f"{s.name}-ip.png")
         if chart is not None:
             payload["prompt_sets"][s.name]["ip_chart"] = str(chart.relative_to(root))
+        chart = write_attack_chart(payload, s.name, root / "charts" / f"{s.name}-attacks.png")
+        if chart is not None:
+            payload["prompt_sets"][s.name]["attack_chart"] = str(chart.relative_to(root))
     write_json_atomic(root / "results.json", payload)
     with atomic_file(root / "report.md") as tmp:
         tmp.write_text(markdown_report(payload), encoding="utf-8")
