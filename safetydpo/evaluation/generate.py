@@ -21,6 +21,7 @@ from safetydpo.evaluation.config import GenerationConfig, ModelConfig
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.images import save_png
 from safetydpo.evaluation.prompts import EvalPrompt
+from safetydpo.evaluation.sld import check_sld, safe_pipeline, sld_settings
 from safetydpo.io import write_json_atomic
 from safetydpo.lora_files import LoraFileError, load_lora
 from safetydpo.quiet import drop_log_messages
@@ -69,6 +70,7 @@ def check_model(model: ModelConfig) -> None:
         )
     if model.lora and not Path(model.lora).expanduser().is_file():
         raise EvaluationError(f"model '{model.name}': LoRA file {model.lora} does not exist")
+    check_sld(model)
 
 
 def render_settings(model: ModelConfig, generation: GenerationConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -79,6 +81,7 @@ def render_settings(model: ModelConfig, generation: GenerationConfig, dtype: tor
         "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest() if lora else None,
         "num_inference_steps": generation.num_inference_steps,
         "dtype": str(dtype).removeprefix("torch."),
+        **({"sld": sld_settings(model)} if model.sld else {}),  # absent without SLD: caches of plain models stay valid
     }
 
 
@@ -114,6 +117,8 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
         # Folded into the base weights: the same model without the adapter's extra matrix products per layer
         # on every denoising step (differences are float rounding, as between batch sizes).
         pipe.fuse_lora()
+    if model.sld:
+        pipe = safe_pipeline(pipe, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -129,26 +134,38 @@ def check_render(picture: np.ndarray, image: PlannedImage, description: str) -> 
         )
 
 
-@torch.no_grad()
-def render(pipe: DiffusionPipeline, images: list[PlannedImage], generation: GenerationConfig, description: str) -> None:
-    """Render ``images`` in batches of equal sampler settings, one CPU generator per image (device-independent noise)."""
+def batches(images: list[PlannedImage], batch_size: int) -> list[list[PlannedImage]]:
+    """``images`` in batches of equal sampler settings, in plan order: the same batches whichever rank renders them, so
+    the renders are the same (a batch's composition changes float rounding)."""
     groups: dict[tuple[float, int | None, int | None], list[PlannedImage]] = {}
     for image in images:
         groups.setdefault((image.guidance_scale, image.height, image.width), []).append(image)
-    with progress_bar(total=len(images), desc=description, unit="img") as bar:
-        for (guidance, height, width), group in groups.items():
-            for start in range(0, len(group), generation.batch_size):
-                batch = group[start : start + generation.batch_size]
-                output = pipe(
-                    prompt=[image.prompt.text for image in batch],
-                    generator=[torch.Generator("cpu").manual_seed(image.seed) for image in batch],
-                    guidance_scale=guidance,
-                    height=height,
-                    width=width,
-                    num_inference_steps=generation.num_inference_steps,
-                    output_type="np",
-                )
-                for picture, image in zip(output.images, batch):
-                    check_render(picture, image, description)
-                    save_png(pipe.numpy_to_pil(picture[None])[0], image.path)
-                bar.update(len(batch))
+    return [group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+
+
+@torch.no_grad()
+def render(
+    pipe: DiffusionPipeline, images: list[PlannedImage], generation: GenerationConfig, description: str, share: tuple[int, int] = (0, 1)
+) -> None:
+    """Render ``images`` in batches of equal sampler settings, one CPU generator per image (device-independent noise).
+
+    ``share`` = (rank, world size): this process renders batches ``rank, rank + world, ...`` only.
+    """
+    rank, world_size = share
+    mine = batches(images, generation.batch_size)[rank::world_size]
+    with progress_bar(total=sum(len(batch) for batch in mine), desc=description, unit="img") as bar:
+        for batch in mine:
+            guidance, height, width = batch[0].guidance_scale, batch[0].height, batch[0].width
+            output = pipe(
+                prompt=[image.prompt.text for image in batch],
+                generator=[torch.Generator("cpu").manual_seed(image.seed) for image in batch],
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                num_inference_steps=generation.num_inference_steps,
+                output_type="np",
+            )
+            for picture, image in zip(output.images, batch):
+                check_render(picture, image, description)
+                save_png(pipe.numpy_to_pil(picture[None])[0], image.path)
+            bar.update(len(batch))

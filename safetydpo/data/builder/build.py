@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,14 @@ from safetydpo.data.coprov2 import (
     shard_path,
     write_table,
 )
+from safetydpo.distributed import Ranks, launch
 from safetydpo.io import atomic_file
 from safetydpo.seeding import derive_seed
 from safetydpo.progress import progress_bar
+
+
+#: Marks of shards rendered but not yet in the manifest: any rank writes one, rank 0 alone commits it.
+RENDERED_DIR = ".build/rendered"
 
 
 @dataclass
@@ -108,6 +115,8 @@ def _render_shard(renderer: PairRenderer, root: Path, rows: list[dict[str, Any]]
             tensors[feature_name(row["id"], "latent_unsafe")] = rendered.unsafe_latents[i].contiguous()
             tensors[feature_name(row["id"], "latent_safe")] = rendered.safe_latents[i].contiguous()
             tensors[feature_name(row["id"], "prompt_embeds")] = rendered.unsafe_embeds[i].contiguous()
+            if rendered.unsafe_pooled is not None:
+                tensors[feature_name(row["id"], "pooled_prompt_embeds")] = rendered.unsafe_pooled[i].contiguous()
         progress.update(len(batch))
     with atomic_file(root / rows[0][FEATURES_COLUMN]) as tmp:
         save_file(tensors, str(tmp))
@@ -143,39 +152,82 @@ def build(config: BuildConfig) -> BuildResult:
     """Build (or resume building) the dataset ``config`` describes; safe to kill and rerun at any point.
 
     A build that fails before its manifest exists (a missing API key or pairs table) removes the
-    folder it created, so a failed first run leaves nothing behind.
+    folder it created, so a failed first run leaves nothing behind. With ``distributed`` devices x
+    nodes > 1 every rank renders its share of the shards still to do (see :func:`_build`).
     """
+    ranks = launch(config.distributed, "distributed", BuildError)
     root = Path(config.output)
     created = not root.exists()
     try:
-        return _build(config, root)
+        return _build(config, root, ranks)
     except BaseException:
-        if created and not (root / MANIFEST_FILE).is_file():
+        if ranks.is_zero and created and not (root / MANIFEST_FILE).is_file():
             shutil.rmtree(root, ignore_errors=True)
         raise
 
 
-def _build(config: BuildConfig, root: Path) -> BuildResult:
-    with output_lock(root):
-        remove_stale_temp_files(root)
-        manifest = open_manifest(root, _fingerprint(config))
-        # Built before anything is written, so a missing model or API key leaves no half-started folder.
-        generator = build_generator(config.generator) if manifest.pairs is None and config.taxonomy is not None else None
-        manifest.save(root)  # ties the generator checkpoints written from here on to this config
-        pairs = _pair_rows(config, root, manifest, generator)
+def _build(config: BuildConfig, root: Path, ranks: Ranks) -> BuildResult:
+    """Rank 0 holds the lock and makes the pair table final; rank ``r`` of ``w`` renders shards ``r, r + w, ...`` of
+    those not committed yet, then rank 0 commits what is left and finishes the folder.
+
+    Shards and their batches are the same whatever the number of ranks, so the files are the same as a
+    one-process build's; a shard is committed once its rank has marked it rendered (after its files).
+    """
+    with ranks.held_by_zero(lambda: output_lock(root)):
+        manifest, pairs = typing.cast(tuple[Manifest, list[dict[str, Any]]], ranks.share(ranks.on_zero(lambda: _prepare(config, root))))
         shards = _shards(pairs, config)
-        _write_metadata(root, shards, manifest.committed)
         pending = [shard for shard in range(len(shards)) if shard not in manifest.committed]
-        if pending:
-            renderer = PairRenderer(config.render)
-            done = sum(len(shards[shard]) for shard in manifest.committed)
-            with progress_bar(total=len(pairs), initial=done, desc="render", unit="pair") as progress:
-                for shard in pending:
-                    _render_shard(renderer, root, shards[shard], config.render.batch_size, progress)
-                    manifest.committed.append(shard)
-                    manifest.save(root)  # the commit point: the shard's images and features are on disk
-                    _write_metadata(root, shards, manifest.committed)
-        write_card(root, config, manifest)
-        manifest.complete = True
-        manifest.save(root)
+        mine = pending[ranks.rank :: ranks.world_size]
+        ranks.on_all(lambda: _render_shards(config, root, ranks, manifest, shards, mine))
+        ranks.on_zero(lambda: _finish(config, root, manifest, shards))
     return BuildResult(output=root, rows=len(pairs), shards=len(shards), rendered_shards=len(pending), generation=manifest.pairs or {})
+
+
+def _prepare(config: BuildConfig, root: Path) -> tuple[Manifest, list[dict[str, Any]]]:
+    """Rank 0, before any rank writes: clear a killed run's temporary files, commit the shards it finished, read or
+    make the pair table."""
+    remove_stale_temp_files(root)
+    manifest = open_manifest(root, _fingerprint(config))
+    # Built before anything is written, so a missing model or API key leaves no half-started folder.
+    generator = build_generator(config.generator) if manifest.pairs is None and config.taxonomy is not None else None
+    manifest.save(root)  # ties the generator checkpoints written from here on to this config
+    pairs = _pair_rows(config, root, manifest, generator)
+    _commit_rendered(root, manifest, _shards(pairs, config))
+    return manifest, pairs
+
+
+def _render_shards(config: BuildConfig, root: Path, ranks: Ranks, manifest: Manifest, shards: list[list[dict[str, Any]]], mine: list[int]) -> None:
+    """Render this rank's shards; each is marked rendered once its files are on disk (rank 0 commits the marks)."""
+    if not mine:
+        return
+    render = config.render if ranks.device is None else dataclasses.replace(config.render, device=str(ranks.device))
+    renderer = PairRenderer(render)
+    description = "render" if ranks.world_size == 1 else f"render rank {ranks.rank}/{ranks.world_size}"
+    with progress_bar(total=sum(len(shards[shard]) for shard in mine), desc=description, unit="pair") as progress:
+        for shard in mine:
+            _render_shard(renderer, root, shards[shard], config.render.batch_size, progress)
+            with atomic_file(root / RENDERED_DIR / f"{shard:05d}") as tmp:
+                tmp.write_text(f"{len(shards[shard])} rows\n", encoding="utf-8")
+            if ranks.is_zero:
+                _commit_rendered(root, manifest, shards)
+
+
+def _commit_rendered(root: Path, manifest: Manifest, shards: list[list[dict[str, Any]]]) -> None:
+    """Rank 0: add the shards marked rendered to the manifest (the commit point), rewrite the metadata, drop the marks."""
+    folder = root / RENDERED_DIR
+    marks = sorted(path for path in folder.iterdir() if path.name.isdigit()) if folder.is_dir() else []
+    manifest.committed = sorted(set(manifest.committed) | {int(mark.name) for mark in marks})
+    manifest.save(root)
+    _write_metadata(root, shards, manifest.committed)
+    for mark in marks:
+        mark.unlink()
+
+
+def _finish(config: BuildConfig, root: Path, manifest: Manifest, shards: list[list[dict[str, Any]]]) -> None:
+    """Rank 0, after every rank has rendered: commit the last marks, write the card, mark the folder complete."""
+    _commit_rendered(root, manifest, shards)
+    if (root / RENDERED_DIR).is_dir():
+        (root / RENDERED_DIR).rmdir()
+    write_card(root, config, manifest)
+    manifest.complete = True
+    manifest.save(root)

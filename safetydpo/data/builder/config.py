@@ -11,7 +11,9 @@ from typing import Any
 
 from safetydpo.data.builder.errors import BuildError
 from safetydpo.data.builder.generators import generator_class
+from safetydpo.distributed import DistributedConfig
 from safetydpo.io import read_yaml
+from safetydpo.sampling import SpeedConfig
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RenderConfig:
     shard_size: int = 256
     dtype: str = "auto"
     device: str = "auto"
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 @dataclass
@@ -54,9 +57,10 @@ class BuildConfig:
     pairs_from: str | None = None
     generator: dict[str, Any] = field(default_factory=lambda: {"name": "template"})
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     #: Keys that change how fast a build runs, not what it writes; a resumed build may change them.
-    OPERATIONAL_KEYS: typing.ClassVar[tuple[str, ...]] = ("output", "render.batch_size", "render.device")
+    OPERATIONAL_KEYS: typing.ClassVar[tuple[str, ...]] = ("output", "render.batch_size", "render.device", "render.speed", "distributed")
 
     def fingerprint(self) -> dict[str, Any]:
         """The config minus operational keys: a resumed build must match it exactly."""
@@ -133,6 +137,13 @@ def _check_values(config: BuildConfig, source: Path) -> None:
     for key, value in positive.items():
         if value < 1:
             raise BuildError(f"{source}: '{key}' must be at least 1, got {value}")
+    config.render.speed.check(f"{source}: render.speed", BuildError)
+    config.distributed.check(f"{source}: distributed", BuildError)
+    if config.distributed.world_size > 1 and config.render.device != "auto":
+        raise BuildError(
+            f"{source}: 'render.device' must be auto with distributed ranks (each renders on its own device); "
+            "set distributed.accelerator instead"
+        )
     if not 0.0 <= config.pairs.min_similarity <= 1.0:
         raise BuildError(f"{source}: 'pairs.min_similarity' must be in [0, 1], got {config.pairs.min_similarity}")
     if config.taxonomy is not None:
