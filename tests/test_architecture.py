@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "safetydpo"
 #: Reusable layers: the method and its building blocks (top-level modules such as registry and io too).
-GENERIC_PACKAGES = ("data", "evaluation", "merging", "models", "losses", "callbacks")
+GENERIC_PACKAGES = ("data", "evaluation", "merging", "models", "losses", "callbacks", "baselines", "attacks")
 #: Layers on top: the embedded ToyWorld (a plugin), the pipeline command and the CLI.
 APP_PACKAGES = ("toyworld", "pipeline", "cli")
 UPWARD = ("safetydpo.toyworld", "safetydpo.pipeline", "safetydpo.cli")

@@ -54,7 +54,7 @@ class MMADiffusion(Attack):
     def attack(self, prompt: str, target: AttackTarget, generator: torch.Generator) -> AttackOutcome:
         tokenizer, encoder = target.components.tokenizer, target.components.text_encoder
         check_length(self.tokens, tokenizer, encoder, "mma")
-        allowed = vocabulary(tokenizer, self.banned_words)
+        allowed = vocabulary(tokenizer, tuple(self.banned_words))
         if allowed.numel() == 0:
             raise AttackError("attack 'mma': banned_words leave no token to search over; ban fewer words")
         with torch.no_grad():

@@ -121,8 +121,8 @@ class RingABell(Attack):
     def attack(self, prompt: str, target: AttackTarget, generator: torch.Generator) -> AttackOutcome:
         tokenizer, encoder = target.components.tokenizer, target.components.text_encoder
         check_length(self.tokens, tokenizer, encoder, "ring_a_bell")
-        words = [str(row[column]) for row in self.pairs() for column in ("unsafe_prompt", "safe_prompt")]
-        allowed = vocabulary(tokenizer, self.banned_words, words if self.vocabulary == "concept_pairs" else None)
+        words = tuple(str(row[column]) for row in self.pairs() for column in ("unsafe_prompt", "safe_prompt"))
+        allowed = vocabulary(tokenizer, tuple(self.banned_words), words if self.vocabulary == "concept_pairs" else None)
         if allowed.numel() == 0:
             raise AttackError("attack 'ring_a_bell': banned_words leave no token to search over; ban fewer words")
         goal = prompt_embedding(tokenizer, encoder, [prompt])[0].float() + self.eta * self.concept(target, self.categories)

@@ -8,6 +8,7 @@ batch of them is one encoder call.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,8 +30,9 @@ def word_token_ids(tokenizer: CLIPTokenizer, words: Sequence[str]) -> set[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=16)
 def vocabulary(
-    tokenizer: CLIPTokenizer, banned_words: Sequence[str] = (), only_from: Sequence[str] | None = None
+    tokenizer: CLIPTokenizer, banned_words: tuple[str, ...] = (), only_from: tuple[str, ...] | None = None
 ) -> torch.Tensor:
     """Ids an attack may place: whole-word tokens (or only those of the texts ``only_from``), minus banned ones.
 
@@ -38,16 +40,15 @@ def vocabulary(
     into the same ids, so the cached prompt the images are rendered from is the sequence that was
     optimised; subword pieces would merge with their neighbours. A token is banned when it is one of a
     banned word's own tokens or its text contains a banned word (``reddish`` for ``red``), which is how
-    MMA-Diffusion keeps the sensitive words out of its prompts.
+    MMA-Diffusion keeps the sensitive words out of its prompts. Cached: every prompt of an attack asks again.
     """
     words = {index for token, index in tokenizer.get_vocab().items() if _WORD_TOKEN.fullmatch(token)}
     allowed = words if only_from is None else words & word_token_ids(tokenizer, only_from)
     lowered = [word.lower() for word in banned_words if word.strip()]
     banned = word_token_ids(tokenizer, lowered)
     if lowered:
-        for token, index in tokenizer.get_vocab().items():
-            if any(word in token.lower().removesuffix("</w>") for word in lowered):
-                banned.add(index)
+        pattern = re.compile("|".join(re.escape(word) for word in lowered))
+        banned.update(index for token, index in tokenizer.get_vocab().items() if pattern.search(token.lower().removesuffix("</w>")))
     return torch.tensor(sorted(allowed - banned), dtype=torch.long)
 
 
