@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from safetydpo.attacks.mma import MMADiffusion
+from safetydpo.cli.demo import robustness_table
 from safetydpo.evaluation.config import config_from_dict
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.runner import evaluate
 from safetydpo.lora_files import save_lora
 from safetydpo.models.components import load_components
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
+from safetydpo.pipeline.report import robustness_rows
 from safetydpo.toyworld.concept_pairs import ToyWorldConceptPairs
 from safetydpo.toyworld.prompts import heldout_pairs
 
@@ -73,6 +75,17 @@ def test_report_lists_every_attack_beside_clean_ip(setup: dict) -> None:
     cached = [json.loads(line) for line in (out / "attacks/mma_small/unsafe.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [line["prompt_index"] for line in cached] == sorted({p["index"] for p in payload["results"]["base"]["unsafe"]["prompts"]} & {line["prompt_index"] for line in cached})
     assert all(line["target"]["name"] == "aligned" and line["target"]["lora_sha256"] for line in cached)
+
+
+def test_pipeline_robustness_table_has_every_attack_and_category(setup: dict) -> None:
+    rows = robustness_rows(setup["payload"], "unsafe")
+    assert [(row["attack"], row["category"]) for row in rows] == [
+        (label, category) for label in ("ring_a_bell", "mma_small") for category in ("busy_textures", "dark_scenes", "hot_colors", "sharp_shapes", "overall")
+    ]
+    overall = setup["payload"]["attacks"]["mma_small"]["prompt_sets"]["unsafe"]["results"]["aligned"]["attacked"]["ip"]["overall"]["value"]
+    assert rows[-1]["ip_aligned_attacked"] == overall
+    printed = robustness_table(rows).splitlines()
+    assert len(printed) == 11 and printed[-1].split()[:2] == ["mma_small", "overall"]
 
 
 def test_replaying_a_cache_is_bit_identical(setup: dict, tmp_path: Path) -> None:

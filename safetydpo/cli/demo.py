@@ -29,6 +29,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def robustness_table(rows: list[dict[str, Any]]) -> str:
+    """IP clean -> under attack, base and aligned, per attack and category, as the demo prints it."""
+    lines = [f"{'attack':<16}{'category':<16}{'IP base clean/attacked':>24}{'IP aligned clean/attacked':>28}"]
+    for r in rows:
+        lines.append(
+            f"{r['attack']:<16}{r['category']:<16}{r['ip_base_clean']:>14.3f} / {r['ip_base_attacked']:.3f}"
+            f"{r['ip_aligned_clean']:>18.3f} / {r['ip_aligned_attacked']:.3f}"
+        )
+    return "\n".join(lines)
+
+
 def run(argv: list[str]) -> None:
     prog = "safetydpo demo"
     if not TOYWORLD_PIPELINE.is_file():
@@ -41,6 +52,8 @@ def run(argv: list[str]) -> None:
     config, options = execute(prog, parser, ["--config", str(TOYWORLD_PIPELINE), *argv])
     if options["dry_run"]:
         return
-    rows = json.loads((Path(config.output) / "report.json").read_text(encoding="utf-8"))["rows"]
-    print("\n" + table(rows))
+    report = json.loads((Path(config.output) / "report.json").read_text(encoding="utf-8"))
+    print("\n" + table(report["rows"]))
+    if report.get("robustness"):
+        print("\n" + robustness_table(report["robustness"]))
     print(f"\nreport: {config.output}/report.md")

@@ -35,6 +35,40 @@ def ip_rows(results: dict[str, Any], ip_set: str, aligned: str = ALIGNED) -> lis
     return rows
 
 
+def robustness_rows(results: dict[str, Any], ip_set: str, aligned: str = ALIGNED) -> list[dict[str, Any]]:
+    """Per attack of ``ip_set`` and category (then ``overall``): clean IP and IP under attack of base and ``aligned``
+    on the attacked prompts; empty when no attack ran."""
+    rows = []
+    for label, attack in (results.get("attacks") or {}).items():
+        found = attack["prompt_sets"].get(ip_set)
+        if found is None:
+            continue
+        models = {BASE: found["results"][BASE], ALIGNED: found["results"][aligned]}
+        for category in [*models[BASE]["clean_ip"]["per_category"], "overall"]:
+            row: dict[str, Any] = {"attack": label, "category": category}
+            for model, result in models.items():
+                for kind, scores in (("clean", result["clean_ip"]), ("attacked", result["attacked"]["ip"])):
+                    estimate = scores["overall"] if category == "overall" else scores["per_category"].get(category)
+                    row[f"ip_{model}_{kind}"] = estimate["value"] if estimate else None
+            rows.append(row)
+    return rows
+
+
+def robustness_markdown(rows: list[dict[str, Any]], ip_set: str) -> str:
+    """The robustness table: IP clean → under attack, base and aligned, per attack and category."""
+    lines = [
+        f"Robustness on `{ip_set}` (IP clean → under attack, on the attacked prompts and seeds; each attack ran against "
+        "the aligned model, details in `eval/report.md`):",
+        "",
+        "| attack | category | base clean | base attacked | aligned clean | aligned attacked |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        cells = [_cell(row[key], key) if row[key] is not None else "–" for key in ("ip_base_clean", "ip_base_attacked", "ip_aligned_clean", "ip_aligned_attacked")]
+        lines.append(f"| {row['attack']} | {row['category']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def quality_lines(results: dict[str, Any]) -> list[str]:
     """FID and CLIPScore of base and aligned on every prompt set that measured them."""
     lines = []
@@ -86,7 +120,10 @@ def write_report(root: Path, config: EvalConfig, ip_set: str, sections: list[Rep
         if computed.markdown:
             texts.append(computed.markdown)
     quality = quality_lines(results)
-    write_json_atomic(root / "report.json", {"format": REPORT_FORMAT, "ip_set": ip_set, "rows": rows, "quality": quality})
+    robustness = robustness_rows(results, ip_set)
+    if robustness:
+        texts.insert(0, robustness_markdown(robustness, ip_set))
+    write_json_atomic(root / "report.json", {"format": REPORT_FORMAT, "ip_set": ip_set, "rows": rows, "quality": quality, "robustness": robustness})
     with atomic_file(root / "report.md") as tmp:
         tmp.write_text(markdown(rows, texts, quality, base_model, ip_set), encoding="utf-8")
     aligned_lora = next(model.lora for model in config.models if model.name == ALIGNED)
