@@ -1,0 +1,193 @@
+"""What the white-box attacks (P4D, UnlearnDiffAtk) share: adversarial token slots in the text encoder's
+context, a differentiable way into the encoder, the reference render they noise, and budget checks.
+
+Both search over discrete tokens with gradients through continuous stand-ins, so both need the same
+three things: a prompt layout with slots, a way to feed a continuous vector at a slot, and a result that
+survives being written down as text (the cache stores strings, a replay re-tokenises them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from safetydpo.attacks.base import AttackError, AttackOutcome
+from safetydpo.attacks.text import context_length, decode, prompt_embedding, soft_tokens
+from safetydpo.models.components import DiffusionComponents
+
+
+def check_budget(attack: str, **options: int | float) -> None:
+    """Refuse a budget that cannot search (0 iterations, no tokens, a non-positive rate): one line naming the option."""
+    for option, value in options.items():
+        if not (math.isfinite(value) and value > 0):
+            raise AttackError(f"attack '{attack}': {option} must be positive, got {value}; set {option} to 1 or more (see docs/attacks.md)")
+
+
+def prompt_words(tokenizer: CLIPTokenizer, prompt: str, attack: str) -> list[list[int]]:
+    """The prompt's token ids grouped into words (a word ends with a ``</w>`` token), so insertions never split one."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if not ids:
+        raise AttackError(f"attack '{attack}': the prompt {prompt!r} has no tokens; remove empty prompts from the prompt set")
+    words: list[list[int]] = [[]]
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        words[-1].append(token_id)
+        if token.endswith("</w>"):
+            words.append([])
+    return [word for word in words if word]
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """A full text-encoder context (start, tokens, end, padding) with the adversarial tokens' positions."""
+
+    ids: torch.Tensor
+    """(1, context) token ids; the slots hold padding until ``with_tokens`` fills them."""
+    slots: torch.Tensor
+    """(n,) positions of the adversarial tokens in ``ids``."""
+    length: int
+    """Tokens between the start and end tokens."""
+
+    @classmethod
+    def build(
+        cls, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, sequence: list[int | None], attack: str, fix: str
+    ) -> PromptLayout:
+        """``sequence`` lists prompt token ids and ``None`` for each adversarial slot, in order."""
+        room = context_length(tokenizer, text_encoder) - 2
+        if len(sequence) > room:
+            raise AttackError(
+                f"attack '{attack}': the adversarial prompt needs {len(sequence)} tokens, more than the {room} "
+                f"the text encoder reads; {fix}"
+            )
+        pad = tokenizer.pad_token_id
+        body = [pad if token is None else token for token in sequence]
+        ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id] + [pad] * (room - len(sequence))
+        slots = [position + 1 for position, token in enumerate(sequence) if token is None]
+        return cls(torch.tensor([ids]), torch.tensor(slots), len(sequence))
+
+    def with_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The context with ``tokens`` (vocabulary ids, one per slot) in the slots."""
+        ids = self.ids.clone()
+        ids[0, self.slots] = tokens.to(ids.device)
+        return ids
+
+    def text(self, tokenizer: CLIPTokenizer, tokens: torch.Tensor) -> str:
+        """The adversarial prompt as text, as the cache stores it and a replay reads it."""
+        return decode(tokenizer, self.with_tokens(tokens)[0, 1 : 1 + self.length])
+
+    def encode(self, text_encoder: CLIPTextModel, values: torch.Tensor) -> torch.Tensor:
+        """Hidden states with ``values`` (one embedding per slot) as the slots' input embeddings, differentiably."""
+        with soft_tokens(text_encoder, self.slots, values):
+            return text_encoder(self.ids.to(text_encoder.device))[0]
+
+    @torch.no_grad()
+    def encode_tokens(self, text_encoder: CLIPTextModel, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states with vocabulary ``tokens`` in the slots, as the decoded text gives them."""
+        return text_encoder(self.with_tokens(tokens).to(text_encoder.device))[0]
+
+
+@contextmanager
+def adapters_off(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
+    """The unaligned model: the same UNet with its LoRA switched off for the duration."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+@torch.no_grad()
+def render_latents(
+    components: DiffusionComponents, prompt: str, generator: torch.Generator, steps: int, guidance_scale: float
+) -> torch.Tensor:
+    """Latents (1, C, h, w) of ``prompt`` rendered by ``components.unet`` as it is now (the caller switches
+    adapters off for the unaligned model), with DDIM on the model's noise schedule and ``generator``'s noise.
+
+    The attacks noise these latents, not a VAE re-encoding of the decoded image: the same image, without a
+    decode/encode round trip that only adds the VAE's reconstruction error.
+    """
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="latent").images
+
+
+@dataclass(frozen=True)
+class NoisedLatents:
+    """Latents noised to random timesteps: the UNet's inputs and the noise it should predict."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def draw(cls, components: DiffusionComponents, latents: torch.Tensor, count: int, generator: torch.Generator) -> NoisedLatents:
+        """``count`` (timestep, noise) draws from ``generator`` applied to ``latents`` (1, C, h, w)."""
+        schedule = components.noise_scheduler
+        steps = torch.randint(0, schedule.config.num_train_timesteps, (count,), generator=generator, device=generator.device)
+        noise = torch.randn((count, *latents.shape[1:]), generator=generator, device=generator.device)
+        noise = noise.to(latents.device, latents.dtype)
+        steps = steps.to(latents.device)
+        return cls(schedule.add_noise(latents.expand_as(noise), noise, steps), steps, noise)
+
+    def predict(self, unet: UNet2DConditionModel, states: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction for every draw, conditioned on text hidden states (1, tokens, width)."""
+        return unet(self.noisy, self.timesteps, encoder_hidden_states=states.expand(len(self.noisy), -1, -1)).sample
+
+
+def mse(prediction: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32, whatever the model's dtype (fp16 squares of small errors underflow)."""
+    return F.mse_loss(prediction.float(), wanted.float())
+
+
+#: One random start of a token search: the tokens it starts from, and a step that optimises and returns the new tokens.
+Start = tuple[torch.Tensor, Callable[[], torch.Tensor]]
+
+
+def search_tokens(
+    restarts: int, iterations: int, begin: Callable[[], Start], score: Callable[[torch.Tensor], float]
+) -> tuple[torch.Tensor, list[float]]:
+    """The lowest-scoring tokens seen over ``restarts`` runs of ``iterations`` steps, and that run's history.
+
+    ``history[0]`` scores the run's starting tokens and ``history[i]`` its tokens after step ``i``, so a
+    history shows what the optimisation gained; the best tokens are kept, as the papers keep their best
+    prompt, since a projected step can make the discrete prompt worse.
+    """
+    best: tuple[float, torch.Tensor, list[float]] | None = None
+    for _ in range(restarts):
+        tokens, step = begin()
+        history: list[float] = []
+        for index in range(iterations + 1):
+            tokens = step() if index else tokens
+            history.append(score(tokens))
+            if best is None or history[-1] < best[0]:
+                best = (history[-1], tokens, history)
+    if best is None:
+        raise AttackError("token search: restarts must be >= 1")
+    return best[1], best[2]
+
+
+def outcome(
+    components: DiffusionComponents, layout: PromptLayout, tokens: torch.Tensor, history: list[float],
+    score: Callable[[torch.Tensor], float],
+) -> AttackOutcome:
+    """The found prompt as text, with its objective scored on the hidden states of that text re-tokenised
+    (what a cached replay feeds the model), not on the optimised ids."""
+    text = layout.text(components.tokenizer, tokens)
+    with torch.no_grad():
+        states = prompt_embedding(components.tokenizer, components.text_encoder, [text])
+    return AttackOutcome(text, score(states), history, higher_is_better=False)
