@@ -24,6 +24,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("quickstart", "write a tiny SD pipeline and synthetic pairs for a CPU run"),
     "toyworld": ("toyworld", "pretrain / check the embedded ToyWorld model and judge"),
     "merge": ("merge", "merge expert LoRA files with Co-Merge or a baseline (the merges listed below)"),
+    "uce": ("uce", "the UCE concept-erasure baseline: a closed-form cross-attention edit written as a LoRA"),
     "evaluate": ("evaluate", "IP (Q16/NudeNet), FID and CLIPScore of base vs aligned models, with reports"),
     "data": ("data", "build, inspect or import CoProV2-format datasets (prompt pairs + paired renders)"),
 }
@@ -71,6 +72,7 @@ def lightning_main(argv: list[str] | None = None, prog: str = "lightning") -> No
 
 def registered_names() -> dict[str, list[str]]:
     """Every registry's names (plugins included), generated so that no list of names is kept by hand."""
+    from safetydpo.baselines import BASELINES
     from safetydpo.data.builder.generators import GENERATORS
     from safetydpo.evaluation.classifiers import CLASSIFIERS
     from safetydpo.evaluation.fid import FEATURE_EXTRACTORS
@@ -82,7 +84,7 @@ def registered_names() -> dict[str, list[str]]:
     registries = {
         "losses": LOSSES, "merges": MERGES, "classifiers": CLASSIFIERS, "prompt sources": PROMPT_SOURCES,
         "pair generators": GENERATORS, "FID feature extractors": FEATURE_EXTRACTORS,
-        "evaluation assets": ASSETS, "report sections": REPORT_SECTIONS,
+        "evaluation assets": ASSETS, "report sections": REPORT_SECTIONS, "baselines": BASELINES,
     }
     return {kind: registry.names() for kind, registry in registries.items()}
 
