@@ -72,6 +72,7 @@ def lightning_main(argv: list[str] | None = None, prog: str = "lightning") -> No
 
 def registered_names() -> dict[str, list[str]]:
     """Every registry's names (plugins included), generated so that no list of names is kept by hand."""
+    from safetydpo.attacks import ATTACKS
     from safetydpo.baselines import BASELINES
     from safetydpo.data.builder.generators import GENERATORS
     from safetydpo.evaluation.classifiers import CLASSIFIERS
@@ -85,6 +86,7 @@ def registered_names() -> dict[str, list[str]]:
         "losses": LOSSES, "merges": MERGES, "classifiers": CLASSIFIERS, "prompt sources": PROMPT_SOURCES,
         "pair generators": GENERATORS, "FID feature extractors": FEATURE_EXTRACTORS,
         "evaluation assets": ASSETS, "report sections": REPORT_SECTIONS, "baselines": BASELINES,
+        "attacks": ATTACKS,
     }
     return {kind: registry.names() for kind, registry in registries.items()}
 
