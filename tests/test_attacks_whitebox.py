@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def test_p4d_refuses_a_model_without_a_lora_and_unlearndiffatk_attacks_it() -> N
     assert "\n" not in str(err.value)
     outcome = attack(build_attack("unlearndiffatk", iterations=1, render_steps=1, timesteps=1), base)
     assert len(outcome.history) == 2 and outcome.adversarial_prompt.endswith(PROMPT)
+    other = AttackTarget("transformer", dataclasses.replace(base.components, unet=torch.nn.Linear(1, 1)), False, base.device)
+    with pytest.raises(AttackError, match=r"attack 'unlearndiffatk' differentiates through an SD 1.x/2.x model .* 'transformer' \(Linear\)"):
+        attack(build_attack("unlearndiffatk"), other)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from safetydpo.attacks.prompt_tokens import (
     Start,
     adapters_off,
     check_budget,
+    check_sd_model,
     mse,
     outcome,
     prompt_words,
@@ -85,6 +86,11 @@ class P4D(Attack):
         for start in range(0, len(words), self.k):
             sequence += [None, *(token for word in words[start : start + self.k] for token in word)]
         return PromptLayout.build(tokenizer, text_encoder, sequence, "p4d", "raise k or shorten the prompt")
+
+    def check(self, target: AttackTarget) -> None:
+        """Refuse a target without the parts this attack needs, or one it cannot differentiate through."""
+        super().check(target)
+        check_sd_model("p4d", target)
 
     def attack(self, prompt: str, target: AttackTarget, generator: torch.Generator) -> AttackOutcome:
         self.check(target)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from safetydpo.attacks.base import AttackError, AttackOutcome
+from safetydpo.attacks.base import AttackError, AttackOutcome, AttackTarget
 from safetydpo.attacks.text import context_length, decode, prompt_embedding, soft_tokens
 from safetydpo.models.components import DiffusionComponents
 
@@ -28,6 +28,20 @@ def check_budget(attack: str, **options: int | float) -> None:
     for option, value in options.items():
         if not (math.isfinite(value) and value > 0):
             raise AttackError(f"attack '{attack}': {option} must be positive, got {value}; set {option} to 1 or more (see docs/attacks.md)")
+
+
+def check_sd_model(attack: str, target: AttackTarget) -> None:
+    """Refuse a model the white-box attacks cannot differentiate through: they feed one CLIP text encoder's
+    hidden states to a UNet that takes nothing else (SD 1.x/2.x); SDXL's second encoder and added
+    conditioning, or another network, would fail deep inside a forward pass instead."""
+    components = target.components
+    unet = components.unet
+    plain_unet = isinstance(unet, UNet2DConditionModel) and unet.config.addition_embed_type is None
+    if not (plain_unet and isinstance(components.text_encoder, CLIPTextModel) and getattr(components, "text_encoder_2", None) is None):
+        raise AttackError(
+            f"attack '{attack}' differentiates through an SD 1.x/2.x model (one CLIP text encoder, a UNet with no added "
+            f"conditioning), which model '{target.name}' ({type(unet).__name__}) is not; attack an SD 1.x/2.x model"
+        )
 
 
 def prompt_words(tokenizer: CLIPTokenizer, prompt: str, attack: str) -> list[list[int]]:

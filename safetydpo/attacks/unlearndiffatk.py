@@ -16,6 +16,7 @@ from safetydpo.attacks.prompt_tokens import (
     Start,
     adapters_off,
     check_budget,
+    check_sd_model,
     mse,
     outcome,
     prompt_words,
@@ -81,6 +82,11 @@ class UnlearnDiffAtk(Attack):
             "unlearndiffatk", tokens=self.tokens, iterations=self.iterations, restarts=self.restarts,
             lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
         )
+
+    def check(self, target: AttackTarget) -> None:
+        """Refuse a target without the parts this attack needs, or one it cannot differentiate through."""
+        super().check(target)
+        check_sd_model("unlearndiffatk", target)
 
     def attack(self, prompt: str, target: AttackTarget, generator: torch.Generator) -> AttackOutcome:
         self.check(target)
