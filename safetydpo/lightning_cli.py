@@ -22,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from safetydpo.callbacks.progress import StepProgress
 from safetydpo.checkpointing import check_free_space
 from safetydpo.locking import LOCK_NAME, output_lock
+from safetydpo.losses import needs_anchors
 from safetydpo.quiet import drop_log_messages
 from safetydpo.registry import TRUSTED_IMPORTS_ENV, restrict_config_imports, trusted_imports
 
@@ -34,9 +35,9 @@ def categories_for(category: str | None) -> list[str] | None:
     return None if category in (None, ALL_CATEGORIES) else [category]
 
 
-def anchors_for(anchor_weight: float) -> bool:
-    """Anchors are served exactly when the anchor term is on."""
-    return anchor_weight > 0
+def anchors_for(loss: Any, anchor_weight: float) -> bool:
+    """Anchors are served exactly when the anchor term is on: ``anchor_weight > 0`` or an ``anchor`` term in ``loss``."""
+    return needs_anchors(loss.as_dict() if isinstance(loss, Namespace) else loss, anchor_weight)
 
 
 class FitConfigError(ValueError):
@@ -120,7 +121,8 @@ class SafetyDPOCLI(LightningCLI):
     :func:`safetydpo.registry.restrict_config_imports`), so a shared YAML cannot run code.
 
     Two values follow from the model and are linked, so no config repeats them: the DataModule's
-    ``categories`` from the expert's ``category``, and its ``anchors`` from ``anchor_weight > 0``.
+    ``categories`` from the expert's ``category``, and its ``anchors`` from whether the loss has an
+    anchor term (``anchor_weight > 0`` or ``{name: anchor}`` in a ``loss`` list).
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, parser_kwargs: dict[str, Any] | None = None) -> None:
@@ -141,7 +143,7 @@ class SafetyDPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.category", "data.init_args.categories", compute_fn=categories_for)
-        parser.link_arguments("model.init_args.anchor_weight", "data.init_args.anchors", compute_fn=anchors_for)
+        parser.link_arguments(("model.init_args.loss", "model.init_args.anchor_weight"), "data.init_args.anchors", compute_fn=anchors_for)
 
     def instantiate_classes(self) -> None:
         """A value a class refuses (``lora.rank: -2``) is a :class:`FitConfigError` naming the entry, not jsonargparse's

@@ -227,7 +227,7 @@ def test_anchor_term_is_the_weighted_drift_from_the_reference(tiny_pipeline_dir:
             torch.nn.init.normal_(param, std=0.05)
     output, errors = module.preference_step(batch, step=0)
     assert errors.anchor_drift.shape == (4,) and errors.anchor_drift.min() > 0
-    assert output.loss.item() == pytest.approx(module.loss_fn(errors).loss.item() + 3.0 * errors.anchor_drift.mean().item(), rel=1e-6)
+    assert output.loss.item() == pytest.approx(DiffusionDPOLoss()(errors).loss.item() + 3.0 * errors.anchor_drift.mean().item(), rel=1e-6)
     unanchored = expert(tiny_pipeline_dir, loss="diffusion_dpo")
     unanchored.load_state_dict({n: p for n, p in module.named_parameters() if p.requires_grad}, strict=False)
     plain_output, plain_errors = unanchored.preference_step(batch, step=0)

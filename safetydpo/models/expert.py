@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, compute_snr
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from safetydpo.checkpointing import resume_with_config
 from safetydpo.data.batch import PairBatch
 from safetydpo.devices import DTYPES
-from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_loss, check_finite
+from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_objective, check_finite
 from safetydpo.models.components import DiffusionComponents, freeze, load_components
 from safetydpo.models.inputs import anchor_latents, anchor_noise_and_timesteps, noise_and_timesteps, pair_latents
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
@@ -41,7 +41,7 @@ class DPOExpertModule(LightningModule):
 
     Args:
         base_model: diffusers pipeline folder or hub id (SD 1.x / 2.x).
-        loss: registered loss name (``safety_dpo``, ``diffusion_dpo``, ``dpo_sft``, ``ipo``, ``margin``) or an instance.
+        loss: registered loss name (``safety_dpo``, ``diffusion_dpo``, ``dpo_sft``, ``ipo``, ``margin``, ``min_snr_dpo``, ``diffusion_kto``, ``anchor``), ``{class_path, init_args}``, an instance, or a list of weighted terms ``[{name: diffusion_dpo, beta: 5000}, {name: anchor, weight: 100}]`` (``weight`` defaults to 1; the objective is their weighted sum, each term logged as ``train/loss_<name>``).
         lora: LoRA rank, alpha, target modules, dropout and init.
         learning_rate: AdamW learning rate for the LoRA weights.
         weight_decay: AdamW weight decay.
@@ -61,13 +61,13 @@ class DPOExpertModule(LightningModule):
             reference predictions on anchors (safe prompts outside the expert's concepts, served by
             ``CoProV2DataModule(anchors=True)``). It keeps an expert from shifting neighbouring
             concepts (red -> purple also turning green into blue) and reduces the interference of
-            merged experts; 0 disables it.
+            merged experts; 0 disables it. The same as appending ``{name: anchor, weight: W}`` to ``loss``.
     """
 
     def __init__(
         self,
         base_model: str,
-        loss: str | PreferenceLoss = "safety_dpo",
+        loss: str | PreferenceLoss | list[str | dict[str, Any]] = "safety_dpo",
         lora: LoraSettings | None = None,
         learning_rate: float = 1e-5,
         weight_decay: float = 1e-2,
@@ -92,15 +92,15 @@ class DPOExpertModule(LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise ValueError(f"anchor_weight must be a finite number >= 0 (0 disables the anchor term), got {anchor_weight}")
-        self.loss_fn = build_loss(loss)
+        self.loss_fn = build_objective(loss, anchor_weight)
         self.lora_settings = lora or LoraSettings()
         self.save_hyperparameters(ignore=["loss", "lora"])
-        # A value the `loss` argument accepts (a registered class's path: `build_loss` looks it up, never imports it).
-        loss_class = type(self.loss_fn)
-        self.hparams["loss"] = {
-            "class_path": f"{loss_class.__module__}.{loss_class.__qualname__}",
-            "init_args": dataclasses.asdict(self.loss_fn),
-        }
+        # A value the `loss` argument accepts: registered names and class paths (looked up, never imported).
+        if isinstance(loss, list):
+            self.hparams["loss"] = self.loss_fn.spec()
+        else:
+            term = type(self.loss_fn.terms[0].loss)
+            self.hparams["loss"] = {"class_path": f"{term.__module__}.{term.__qualname__}", "init_args": dataclasses.asdict(self.loss_fn.terms[0].loss)}
         self.hparams["lora"] = dataclasses.asdict(self.lora_settings)
         if frozen_dtype not in DTYPES:
             raise ValueError(f"frozen_dtype '{frozen_dtype}' is not one of: {', '.join(DTYPES)}")
@@ -154,14 +154,19 @@ class DPOExpertModule(LightningModule):
         return self
 
     def _anchor_inputs(self, batch: PairBatch, step: int) -> tuple[Tensor, Tensor] | None:
-        """Anchor latents and safe-prompt embeddings, or ``None`` when the anchor term is off."""
-        if self.hparams.anchor_weight > 0 and not batch.has_anchors:
-            raise ValueError("anchor_weight > 0 needs anchors in the batches: set data.init_args.anchors: true")
-        if not batch.has_anchors or self.hparams.anchor_weight == 0:
+        """Anchor latents and safe-prompt embeddings, or ``None`` when no loss term reads anchors."""
+        if self.loss_fn.uses_anchors and not batch.has_anchors:
+            term = "anchor_weight > 0" if self.hparams.anchor_weight > 0 else "the loss's anchor term"
+            raise ValueError(f"{term} needs anchors in the batches: set data.init_args.anchors: true")
+        if not batch.has_anchors or not self.loss_fn.uses_anchors:
             return None
         return anchor_latents(self.components, batch, self.hparams.noise_seed, step)
 
     # ------------------------------------------------------------------ loss
+    def _schedule_position(self, timesteps: Tensor) -> dict[str, Any]:
+        """Where on the noise schedule the pairs were scored (SD 1.x: DDPM SNR, prediction type)."""
+        return {"timesteps": timesteps, "snr": compute_snr(self.noise_scheduler, timesteps), "prediction_type": self.noise_scheduler.config.prediction_type}
+
     def _predict(self, latents: Tensor, noise: Tensor, timesteps: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
         """The UNet's prediction for the noised ``latents`` and its training target, both float32."""
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -206,11 +211,10 @@ class DPOExpertModule(LightningModule):
                 reference_winner, reference_loser = _squared_error(reference[:num_pairs], target[:num_pairs]).chunk(2)
             if anchors is not None:
                 anchor_drift = _squared_error(prediction[num_pairs:], reference[num_pairs - start :])
-        errors = DenoisingErrors(policy_winner, policy_loser, reference_winner, reference_loser, anchor_drift)
-        output = self.loss_fn(errors)
-        if anchor_drift is not None:
-            output = LossOutput(output.loss + self.hparams.anchor_weight * anchor_drift.mean(), output.reward_margin)
-        return output, errors
+        errors = DenoisingErrors(
+            policy_winner, policy_loser, reference_winner, reference_loser, anchor_drift, **self._schedule_position(timesteps)
+        )
+        return self.loss_fn(errors), errors
 
     def _log_step(self, stage: str, output: LossOutput, errors: DenoisingErrors, batch_size: int) -> None:
         metrics = {
@@ -225,6 +229,7 @@ class DPOExpertModule(LightningModule):
             metrics[f"{stage}/mse_reference_loser"] = errors.reference_loser.mean()
         if errors.anchor_drift is not None:
             metrics[f"{stage}/anchor_drift"] = errors.anchor_drift.mean()
+        metrics |= {f"{stage}/loss_{key}": value for key, value in output.terms.items()}
         on_step = stage == "train"
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, prog_bar=False, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", output.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
