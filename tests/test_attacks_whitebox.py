@@ -82,11 +82,16 @@ def test_p4d_refuses_a_model_without_a_lora_and_unlearndiffatk_attacks_it() -> N
 
 
 @pytest.mark.parametrize(
-    "name, option", [("p4d", "iterations"), ("p4d", "tokens"), ("p4d", "k"), ("unlearndiffatk", "restarts"), ("unlearndiffatk", "timesteps")]
+    "name, option, value, need",
+    [
+        ("p4d", "iterations", 0, "must be positive"), ("p4d", "tokens", 0, "must be positive"), ("p4d", "k", 0, "must be positive"),
+        ("unlearndiffatk", "restarts", 0, "must be positive"), ("unlearndiffatk", "timesteps", 0, "must be positive"),
+        ("unlearndiffatk", "lr", float("nan"), "must be positive"), ("p4d", "weight_decay", -0.1, "must be >= 0"),
+    ],
 )
-def test_a_budget_of_zero_is_one_line_naming_the_option(name: str, option: str) -> None:
-    with pytest.raises(AttackError, match=rf"attack '{name}': {option} must be positive, got 0; set {option} to 1") as err:
-        build_attack(name, **{option: 0})
+def test_a_budget_of_zero_is_one_line_naming_the_option(name: str, option: str, value: float, need: str) -> None:
+    with pytest.raises(AttackError, match=rf"attack '{name}': {option} {need}, got {value}; see docs/attacks.md") as err:
+        build_attack(name, **{option: value})
     assert "\n" not in str(err.value)
 
 

@@ -72,8 +72,12 @@ class P4D(Attack):
         if self.mode not in MODES:
             raise AttackError(f"attack 'p4d': mode must be one of {', '.join(MODES)} (P4D-N, P4D-K), got {self.mode!r}")
         check_budget(
-            "p4d", tokens=self.tokens, k=self.k, iterations=self.iterations, restarts=self.restarts,
-            lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
+            "p4d",
+            positive=dict(
+                tokens=self.tokens, k=self.k, iterations=self.iterations, restarts=self.restarts,
+                lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
+            ),
+            non_negative=dict(weight_decay=self.weight_decay, guidance_scale=self.guidance_scale),
         )
 
     def layout(self, target: AttackTarget, prompt: str) -> PromptLayout:

@@ -23,11 +23,17 @@ from safetydpo.attacks.text import context_length, decode, prompt_embedding, sof
 from safetydpo.models.components import DiffusionComponents
 
 
-def check_budget(attack: str, **options: int | float) -> None:
-    """Refuse a budget that cannot search (0 iterations, no tokens, a non-positive rate): one line naming the option."""
-    for option, value in options.items():
-        if not (math.isfinite(value) and value > 0):
-            raise AttackError(f"attack '{attack}': {option} must be positive, got {value}; set {option} to 1 or more (see docs/attacks.md)")
+def check_budget(attack: str, positive: dict[str, float], non_negative: dict[str, float]) -> None:
+    """Refuse a budget that cannot search (0 iterations, no tokens, a non-positive rate) or a negative weight:
+    one line naming the option, before any work."""
+    rules: list[tuple[dict[str, float], str, Callable[[float], bool]]] = [
+        (positive, "must be positive", lambda value: value > 0),
+        (non_negative, "must be >= 0", lambda value: value >= 0),
+    ]
+    for options, need, holds in rules:
+        for option, value in options.items():
+            if not (math.isfinite(value) and holds(value)):
+                raise AttackError(f"attack '{attack}': {option} {need}, got {value}; see docs/attacks.md for its default and the paper's")
 
 
 def check_sd_model(attack: str, target: AttackTarget) -> None:

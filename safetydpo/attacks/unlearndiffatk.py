@@ -79,8 +79,12 @@ class UnlearnDiffAtk(Attack):
 
     def __post_init__(self) -> None:
         check_budget(
-            "unlearndiffatk", tokens=self.tokens, iterations=self.iterations, restarts=self.restarts,
-            lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
+            "unlearndiffatk",
+            positive=dict(
+                tokens=self.tokens, iterations=self.iterations, restarts=self.restarts,
+                lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
+            ),
+            non_negative=dict(weight_decay=self.weight_decay, guidance_scale=self.guidance_scale),
         )
 
     def check(self, target: AttackTarget) -> None:
