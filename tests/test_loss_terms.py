@@ -165,6 +165,11 @@ def test_a_loss_list_in_yaml_trains_through_safetydpo_fit(
     card = json.loads((tmp_path / "run" / "experts" / "violence.json").read_text())
     assert card["loss"] == [{"name": "min_snr_dpo", "weight": 1.0, "beta": 1000, "gamma": 5.0}, {"name": "anchor", "weight": 10.0}]
     assert {"train/loss_min_snr_dpo", "train/loss_anchor", "train/anchor_drift", "train/reward_margin"} <= set(card["metrics"])
+    # `safetydpo fit --model.help` documents the list form and lists every registered term class (generated).
+    code, out, _ = run_main(["fit", "--model.help", "DPOExpertModule"], capsys)
+    out = " ".join(out.split())
+    assert code == 0 and "or a list of weighted terms" in out
+    assert all(f"{cls.__module__}.{cls.__qualname__}" in out for cls in LOSSES.classes().values())
     # A bad term through the same command: one line, status 2, naming the valid names.
     write_config(path, {**config, "model": {**config["model"], "init_args": {**config["model"]["init_args"], "loss": [{"name": "anchr", "weight": 10}]}}})
     code, _, err = run_main(["fit", "--config", str(path)], capsys)
