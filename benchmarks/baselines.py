@@ -135,6 +135,7 @@ def eval_config(folder: Path, models: list[dict[str, Any]], args: argparse.Names
     for prompt_set in data["prompt_sets"]:
         prompt_set["images_per_prompt"] = args.images_per_prompt
     data["generation"]["num_inference_steps"] = args.sampling_steps
+    data.pop("attacks", None)  # robustness under attack is the pipeline report's, not this comparison's
     data["models"] = models
     data["output_dir"] = str(folder / "eval")
     data["device"] = "cpu"

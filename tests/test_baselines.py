@@ -37,7 +37,7 @@ def sdxl_dir(tmp_path: Path, tiny_pipeline_dir: Path) -> Path:
 
 
 def test_esd_objective_falls_on_the_tiny_pipeline(tiny_pipeline_dir: Path) -> None:
-    module = ESDModule(str(tiny_pipeline_dir), sampling_steps=2, learning_rate=1e-2, lora=LoraSettings(rank=4))
+    module = ESDModule(str(tiny_pipeline_dir), sampling_steps=2, learning_rate=3e-3, lora=LoraSettings(rank=4))
     data = ConceptPromptDataModule(prompts=[CONCEPT, "a red square on a gray background"], batch_size=2)
     probe = ConceptBatch(data.prompts, torch.arange(2))
 
@@ -49,7 +49,7 @@ def test_esd_objective_falls_on_the_tiny_pipeline(tiny_pipeline_dir: Path) -> No
     Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False).fit(module, data)
     after = objective()
-    assert after < 0.95 * before, (before, after)
+    assert after < 0.8 * before, (before, after)
 
 
 def test_uce_maps_the_concept_to_its_target_and_keeps_the_kept_concept(tiny_pipeline_dir: Path) -> None:

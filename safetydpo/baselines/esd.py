@@ -86,6 +86,6 @@ class ESDModule(DPOExpertModule):
         loss = self.esd_errors(batch, self.global_step).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"esd_u loss is not finite at step {self.global_step}; lower the learning rate")
-        self.log("train/esd_loss", loss, on_step=True, prog_bar=False, batch_size=len(batch))
+        self.log("train/loss", loss, on_step=True, prog_bar=False, batch_size=len(batch))  # the name progress lines show
         self.log("train_loss", loss, on_step=True, prog_bar=True, batch_size=len(batch))
         return loss
