@@ -1,18 +1,24 @@
 """Training throughput and peak GPU memory: SafetyDPO's expert step against a naive Diffusion-DPO step.
 
-Both steps train the same LoRA on the same SD 1.5-architecture UNet (random weights built from
-configs, nothing downloaded) with forward, backward and an AdamW update, in one process:
+Both steps train the same LoRA on the same network of ``--arch`` (SD 1.5's UNet at 512 px, SDXL's UNet
+at 1024 px, SD3-medium's MMDiT transformer at 1024 px; random weights built from configs, nothing
+downloaded) with forward, backward and an AdamW update, in one process:
 
 - ours: ``DPOExpertModule.preference_step`` (the body of ``training_step`` minus logging) on
   precomputed latents and text embeddings, winner and loser in one concatenated UNet forward, the
   reference = the same UNet with adapters disabled under ``no_grad``, frozen weights in bf16,
   bf16 autocast (what ``trainer.precision: bf16-mixed`` does; ``--ours-fp32``: fp32), plus the
   optional fast-path flags;
-- naive: VAE-encode both images and run the text encoder every step, a deep-copied reference UNet,
+- naive: VAE-encode both images and run the text encoders every step, a deep-copied reference network,
   fp32 (``--naive-fp16``: fp16 autocast with a grad scaler), winner and loser in separate forwards.
 
+Both steps noise, condition and predict through the family's denoiser (``safetydpo.models.denoisers``).
+SD3 is built without its T5 encoder (SD3's drop-T5 option: its 4096-wide token embeddings are zeros);
+the precomputed features ours reads are the same width either way.
+
     python benchmarks/train_throughput.py                 # SD 1.5 size: 512 px, batch 8, on CUDA
-    python benchmarks/train_throughput.py --tiny --steps 2   # tiny config, a CPU smoke test
+    python benchmarks/train_throughput.py --arch sdxl --batch-size 2   # SDXL at 1024 px
+    python benchmarks/train_throughput.py --tiny --steps 2   # tiny config, a CPU smoke test (any --arch)
 
 Peak memory is ``torch.cuda.max_memory_allocated`` from building a step to its last timed step,
 so it counts weights, optimizer state and activations; on a CPU it is not measured (n/a).
@@ -30,20 +36,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from safetydpo.data.batch import PairBatch
 from safetydpo.devices import resolve_device
 from safetydpo.losses import DenoisingErrors, build_loss
 from safetydpo.models import DPOExpertModule, LoraSettings
 from safetydpo.models.components import DiffusionComponents, components_from_pipeline, freeze
+from safetydpo.models.denoisers import StableDiffusion3, StableDiffusionXL
 from safetydpo.models.lora import attach_lora
-from safetydpo.models.tiny import TINY_RESOLUTION, build_tiny_pipeline
+from safetydpo.models.tiny import TINY_BUILDERS, TINY_RESOLUTION
 from safetydpo.models.tokenizer import build_clip_tokenizer
 
 SD_RESOLUTION = 512
+#: Image size of the SDXL and SD3 measurements (both models' native resolution).
+XL_RESOLUTION = 1024
 LEARNING_RATE = 1e-5
 PROMPT = "a photo of a person in a city street"
 
@@ -84,25 +93,90 @@ def build_sd15_components(seed: int = 0) -> DiffusionComponents:
     return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler)
 
 
+def _clip(hidden: int, layers: int, heads: int, projection: int | None = None, act: str = "gelu") -> CLIPTextModel:
+    """A CLIP text tower of the given size (with a projection: ``CLIPTextModelWithProjection``, pooled output)."""
+    tokenizer = build_clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length, hidden_act=act,
+        **({"projection_dim": projection} if projection else {}),
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae(latent_channels: int, **config: Any) -> AutoencoderKL:
+    return AutoencoderKL(
+        sample_size=XL_RESOLUTION, block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=latent_channels, **config,
+    )
+
+
+def build_sdxl_components(seed: int = 0) -> DiffusionComponents:
+    """SDXL base's UNet (2.6B), VAE and two text encoders (CLIP ViT-L, OpenCLIP bigG) with random weights."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=XL_RESOLUTION // 8,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    return DiffusionComponents(
+        unet, _vae(4, scaling_factor=0.13025), _clip(768, 12, 12, act="quick_gelu"), build_clip_tokenizer(), scheduler,
+        text_encoder_2=_clip(1280, 32, 20, projection=1280), tokenizer_2=build_clip_tokenizer(), denoiser=StableDiffusionXL(),
+    )
+
+
+def build_sd3_components(seed: int = 0) -> DiffusionComponents:
+    """SD3-medium's MMDiT (2B), 16-channel VAE and two CLIP encoders with random weights; T5 dropped."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=XL_RESOLUTION // 8, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+    )
+    vae = _vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    return DiffusionComponents(
+        transformer, vae, _clip(768, 12, 12, projection=768, act="quick_gelu"), build_clip_tokenizer(), FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder_2=_clip(1280, 32, 20, projection=1280), tokenizer_2=build_clip_tokenizer(), denoiser=StableDiffusion3(),
+    )
+
+
+#: ``--arch`` -> (real-size builder, resolution, model family of its tiny pipeline).
+ARCHS: dict[str, tuple[Callable[[], DiffusionComponents], int, str]] = {
+    "sd15": (build_sd15_components, SD_RESOLUTION, "sd"),
+    "sdxl": (build_sdxl_components, XL_RESOLUTION, "sdxl"),
+    "sd3": (build_sd3_components, XL_RESOLUTION, "sd3"),
+}
+
+
 def make_inputs(components: DiffusionComponents, batch_size: int, resolution: int) -> tuple[PairBatch, dict[str, Any]]:
-    """One batch of pairs as each step consumes it: precomputed features (ours), pixels and token ids (naive)."""
+    """One batch of pairs as each step consumes it: precomputed features (ours), pixels and prompts (naive)."""
     generator = torch.Generator().manual_seed(0)
     latent_size = resolution // 2 ** (len(components.vae.config.block_out_channels) - 1)
     latent_shape = (batch_size, components.unet.config.in_channels, latent_size, latent_size)
-    tokenizer = components.tokenizer
     prompts = [PROMPT] * batch_size
-    token_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    conditioning = components.denoiser.encode(components, prompts[:1])  # the family's conditioning shapes
+    pooled = conditioning.pooled
     features = PairBatch(
         positions=torch.arange(batch_size),
         prompts=prompts,
         latents_winner=torch.randn(latent_shape, generator=generator),
         latents_loser=torch.randn(latent_shape, generator=generator),
-        prompt_embeds=torch.randn(batch_size, tokenizer.model_max_length, components.text_encoder.config.hidden_size, generator=generator),
+        prompt_embeds=torch.randn(batch_size, *conditioning.embeds.shape[1:], generator=generator),
+        pooled_prompt_embeds=None if pooled is None else torch.randn(batch_size, *pooled.shape[1:], generator=generator),
     )
     pixels = {
         "pixels_winner": torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1,
         "pixels_loser": torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1,
-        "input_ids": token_ids,
+        "prompts": prompts,
     }
     return features, pixels
 
@@ -134,31 +208,35 @@ def ours(components: DiffusionComponents, args: argparse.Namespace, device: torc
 
 
 def naive(components: DiffusionComponents, args: argparse.Namespace, device: torch.device) -> Step:
-    """A straightforward Diffusion-DPO LoRA step: encoders every step, a second UNet, one forward per image."""
-    policy, vae, text_encoder, scheduler = components.unet, components.vae, components.text_encoder, components.noise_scheduler
+    """A straightforward Diffusion-DPO LoRA step: encoders every step, a second network, one forward per image."""
+    policy, vae, denoiser = components.unet, components.vae, components.denoiser
     reference = copy.deepcopy(policy)
-    freeze(policy, reference, vae, text_encoder)
+    freeze(policy, reference, *components.encoders())
     attach_lora(policy, LoraSettings(rank=args.rank))
-    for model in (policy, reference, vae, text_encoder):
+    for model in (policy, reference, *components.encoders()):
         model.to(device)
     policy.train()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device.type, enabled=args.naive_fp16)
     loss_fn = build_loss("safety_dpo")
 
+    generator = torch.Generator().manual_seed(0)
+
     def step(batch: dict[str, Any], index: int) -> None:
         with torch.autocast(device.type, dtype=torch.float16, enabled=args.naive_fp16):
             with torch.no_grad():
-                images = [vae.encode(batch[key]).latent_dist.sample() * vae.config.scaling_factor for key in ("pixels_winner", "pixels_loser")]
-                embeds = text_encoder(batch["input_ids"])[0]
+                shift = vae.config.shift_factor or 0.0
+                images = [(vae.encode(batch[key]).latent_dist.sample() - shift) * vae.config.scaling_factor for key in ("pixels_winner", "pixels_loser")]
+                conditioning = denoiser.encode(components, batch["prompts"])
             noise = torch.randn_like(images[0])
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (noise.shape[0],), device=device)
+            timesteps = torch.cat([denoiser.sample_timestep(components, generator) for _ in range(noise.shape[0])]).to(device)
             errors = []
-            for unet, grad in ((policy, True), (reference, False)):
+            for network, grad in ((policy, True), (reference, False)):
                 with torch.set_grad_enabled(grad):
                     for latents in images:
-                        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=embeds).sample
-                        errors.append(F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)))
+                        noisy, target = denoiser.noisy_and_target(components, latents, noise, timesteps)
+                        prediction = denoiser.predict(components, network, noisy, timesteps, conditioning)
+                        errors.append(F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)))
             loss = loss_fn(DenoisingErrors(*errors)).loss
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -226,6 +304,7 @@ def report(results: list[Result], device: torch.device) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15", help="network to train: sd15 (512 px), sdxl or sd3 (1024 px)")
     parser.add_argument("--tiny", action="store_true", help="tiny pipeline (32 px, 16x16 latents): a CPU smoke test, not a measurement")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -246,14 +325,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    components = components_from_pipeline(build_tiny_pipeline(seed=0)) if args.tiny else build_sd15_components()
-    resolution = TINY_RESOLUTION if args.tiny else SD_RESOLUTION
+    build_real, real_resolution, family = ARCHS[args.arch]
+    components = components_from_pipeline(TINY_BUILDERS[family](seed=0)) if args.tiny else build_real()
+    resolution = TINY_RESOLUTION if args.tiny else real_resolution
     features, pixels = make_inputs(components, args.batch_size, resolution)
     naive_components = copy.deepcopy(components)  # ours attaches its LoRA to ``components`` in place
     attention = type(next(iter(components.unet.attn_processors.values()))).__name__
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"{'tiny pipeline' if args.tiny else 'SD 1.5 architecture'} (random weights), {resolution} px, batch {args.batch_size} pairs, "
+        f"{'tiny' if args.tiny else 'real-size'} {args.arch} architecture (random weights), {resolution} px, batch {args.batch_size} pairs, "
         f"LoRA rank {args.rank}, {args.steps} timed steps after {args.warmup} warm-up, attention {attention}, "
         f"{device} ({name}), torch {torch.__version__}"
     )

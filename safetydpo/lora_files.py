@@ -1,8 +1,8 @@
 """The LoRA file format: one home for writing and reading expert and merged LoRAs and their model cards.
 
-We write diffusers-format UNet LoRAs (``unet.<module>.lora_A.weight`` / ``lora_B.weight``,
-safetensors, alpha/rank scale folded into ``lora_B``) that ``StableDiffusionPipeline.load_lora_weights``
-loads. Beside each, ``<name>.json`` is its model card; the card's ``format`` names what wrote it and
+We write diffusers-format LoRAs of the denoising network (``unet.<module>.lora_A.weight`` /
+``lora_B.weight`` for SD 1.x/2.x and SDXL, ``transformer.<module>...`` for SD3; safetensors,
+alpha/rank scale folded into ``lora_B``) that the family's pipeline ``load_lora_weights`` loads. Beside each, ``<name>.json`` is its model card; the card's ``format`` names what wrote it and
 its version. We read what diffusers reads, through diffusers' own conversions: peft/diffusers
 ``lora_A``/``lora_B`` keys, the ``unet.*.lora.down.weight`` / ``lora.up.weight`` keys of diffusers'
 older training scripts, kohya files (``lora_unet_*`` with ``.alpha`` keys), and alpha from the
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
@@ -44,6 +44,10 @@ KNOWN_FORMATS = (EXPERT_FORMAT, MERGED_FORMAT)
 WEIGHTS_HASH_KEY = "weights_sha256"
 
 UNET_PREFIX = "unet."
+#: Key prefix of a transformer LoRA (SD3), which diffusers' SD3 loader reads.
+TRANSFORMER_PREFIX = "transformer."
+#: The diffusers pipeline whose ``save_lora_weights`` writes a LoRA of each network (``<network>_lora_layers``).
+_WRITERS = {"unet": StableDiffusionPipeline, "transformer": StableDiffusion3Pipeline}
 #: Key prefixes of text-encoder LoRA tensors in diffusers' layout (kohya's ``lora_te*_`` are converted to these).
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 _DOWN, _UP, _ALPHA = ".lora_A.weight", ".lora_B.weight", ".alpha"
@@ -77,11 +81,12 @@ class LoraFactors:
 
 @dataclass
 class LoraExpert:
-    """A LoRA file: its layers keyed by UNet module name, plus its model card (``{}`` when absent)."""
+    """A LoRA file: its layers keyed by module name in the adapted network, plus its model card (``{}`` when absent)."""
 
     path: Path
     layers: dict[str, LoraFactors]
     card: dict[str, Any] = field(default_factory=dict)
+    network: str = "unet"  # the adapted network, the key prefix: ``unet`` or ``transformer`` (SD3)
 
     @property
     def name(self) -> str:
@@ -129,13 +134,14 @@ def hub_card(card: dict[str, Any], weights: str) -> str:
         meta["model-index"] = [_model_index(Path(weights).stem, evaluation)]
     what = (f"a SafetyDPO merge ({card['method']}) of {len(card.get('experts', []))} safety experts"
             if card.get("format") == MERGED_FORMAT else f"a SafetyDPO safety expert for **{card.get('category') or 'all categories'}**")
+    pipeline_class = card.get("pipeline_class") or "StableDiffusionPipeline"
     details = {key: card[key] for key in ("concepts", "loss", "lora", "learning_rate", "steps", "method_args", "experts") if key in card}
     return (
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
         + f"# {Path(weights).stem}\n\nA LoRA for `{base}`: {what}, so that the model renders a safe image where the prompt asks "
         + f"for harmful content ({', '.join(categories) or 'every category'}).\n\n"
-        + "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-        + f"pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\".\", weight_name=\"{Path(weights).name}\")\n```\n\n"
+        + f"```python\nfrom diffusers import {pipeline_class}\n\n"
+        + f"pipe = {pipeline_class}.from_pretrained(\"{base}\")\npipe.load_lora_weights(\".\", weight_name=\"{Path(weights).name}\")\n```\n\n"
         + (_evaluation_markdown(evaluation) if evaluation else "")
         + f"Training details (the full card is `{card_path(weights).name}`):\n\n```yaml\n"
         + yaml.safe_dump(details, sort_keys=False) + "```\n"
@@ -221,10 +227,30 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _unet_part(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The UNet tensors in peft keys (``<module>.lora_A.weight``) and any per-module alphas, by diffusers' conversions."""
+def _transformer_part(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a transformer (SD3) LoRA in peft keys, as diffusers' SD3 loader reads them."""
+    state = StableDiffusion3Pipeline.lora_state_dict(dict(tensors))
+    other = sorted(key for key in state if not key.startswith((TRANSFORMER_PREFIX, *TEXT_ENCODER_PREFIXES)))
+    if other:
+        raise LoraFileError(f"{path} is not a transformer LoRA in a format diffusers reads: unexpected keys such as {other[:3]}")
+    skipped = [key for key in state if key.startswith(TEXT_ENCODER_PREFIXES)]
+    if skipped:
+        logger.warning("warning: %s also holds %d text-encoder LoRA tensors; they are skipped (merging combines network LoRAs)",
+                       path, len(skipped))
+    return {key.removeprefix(TRANSFORMER_PREFIX): value for key, value in state.items() if key.startswith(TRANSFORMER_PREFIX)}
+
+
+def _network_part(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor], dict[str, float]]:
+    """The adapted network (``unet`` or ``transformer``), its tensors in peft keys and any per-module alphas."""
     if any("dora_scale" in key or "lora_magnitude_vector" in key for key in tensors):
         raise LoraFileError(f"{path} is a DoRA adapter; only plain LoRA files can be merged")
+    if any(key.startswith(TRANSFORMER_PREFIX) for key in tensors):
+        return "transformer", _transformer_part(path, tensors), {}
+    return ("unet", *_unet_part(path, tensors))
+
+
+def _unet_part(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The UNet tensors in peft keys (``<module>.lora_A.weight``) and any per-module alphas, by diffusers' conversions."""
     # Kohya (``lora_unet_*``, ``.alpha``) becomes diffusers keys plus network alphas, as load_lora_weights does.
     state, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(tensors))
     unet = {key.removeprefix(UNET_PREFIX): value for key, value in state.items() if key.startswith(UNET_PREFIX)}
@@ -246,14 +272,14 @@ def _unet_part(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, 
     return weights, module_alphas
 
 
-def _metadata_config(path: Path, metadata: dict[str, str]) -> LoraConfig | None:
-    """The UNet's peft ``LoraConfig`` from diffusers' ``lora_adapter_metadata``, when the file has one."""
+def _metadata_config(path: Path, metadata: dict[str, str], network: str) -> LoraConfig | None:
+    """The network's peft ``LoraConfig`` from diffusers' ``lora_adapter_metadata``, when the file has one."""
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
         return None
     try:
         packed = json.loads(raw)
-        kwargs = {key.removeprefix(UNET_PREFIX): value for key, value in packed.items() if key.startswith(UNET_PREFIX)}
+        kwargs = {key.removeprefix(f"{network}."): value for key, value in packed.items() if key.startswith(f"{network}.")}
         config = LoraConfig(**kwargs) if kwargs else None
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
         raise LoraFileError(f"{path}: its {LORA_ADAPTER_METADATA_KEY} is not a peft LoraConfig ({err}); rewrite the file without it") from err
@@ -274,11 +300,11 @@ def _scale(path: Path, name: str, rank: int, config: LoraConfig | None, alphas: 
 
 
 def load_lora(path: str | Path) -> LoraExpert:
-    """Read a UNet LoRA in any layout diffusers loads, with its alpha applied, and its card."""
+    """Read a UNet or transformer LoRA in any layout diffusers loads, with its alpha applied, and its card."""
     path = Path(path)
     tensors, metadata = _read_tensors(path)
-    weights, alphas = _unet_part(path, tensors)
-    config = _metadata_config(path, metadata)
+    network, weights, alphas = _network_part(path, tensors)
+    config = _metadata_config(path, metadata, network)
     if config is not None and alphas:
         raise LoraFileError(f"{path} has both .alpha keys and {LORA_ADAPTER_METADATA_KEY}; keep one (diffusers refuses both)")
     downs = {k.removesuffix(_DOWN): v for k, v in weights.items() if k.endswith(_DOWN)}
@@ -295,7 +321,7 @@ def load_lora(path: str | Path) -> LoraExpert:
         scale = _scale(path, name, down.shape[0], config, alphas)
         root = math.sqrt(abs(scale))
         layers[name] = LoraFactors(down=down * math.copysign(root, scale), up=up * root)
-    return LoraExpert(path=path, layers=layers, card=read_card(path))
+    return LoraExpert(path=path, layers=layers, card=read_card(path), network=network)
 
 
 def lora_config_for(layers: dict[str, LoraFactors]) -> LoraConfig:
@@ -312,7 +338,7 @@ def lora_config_for(layers: dict[str, LoraFactors]) -> LoraConfig:
 
 
 def state_dict_for(layers: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
-    """Peft-format state dict (``<module>.lora_A.weight``) that ``save_lora`` prefixes with ``unet.``."""
+    """Peft-format state dict (``<module>.lora_A.weight``) that ``save_lora`` prefixes with the network's name."""
     state = {}
     for name, factors in layers.items():
         state[f"{name}{_DOWN}"] = factors.down.contiguous()
@@ -320,10 +346,12 @@ def state_dict_for(layers: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: LoraConfig, card: dict[str, Any]) -> Path:
-    """Write a LoRA loadable by ``StableDiffusionPipeline.load_lora_weights``, its ``<name>.json`` card and ``<name>.md`` hub card.
+def save_lora(
+    path: str | Path, unet_lora: dict[str, torch.Tensor], config: LoraConfig, card: dict[str, Any], network: str = "unet"
+) -> Path:
+    """Write a LoRA loadable by the family pipeline's ``load_lora_weights``, its ``<name>.json`` card and ``<name>.md`` hub card.
 
-    ``unet_lora`` is in peft key format with the scale folded into ``lora_B``. Both files are
+    ``unet_lora`` holds the weights of ``network`` (``unet``, or ``transformer`` for SD3) in peft key format with the scale folded into ``lora_B``. Both files are
     written to temporary names and renamed into place, so an interrupted save never leaves a
     truncated file where a good one was; the card records the weights' SHA-256, so a kill between
     the two renames (new weights, old card) is an error when read, not a silently wrong card.
@@ -335,8 +363,8 @@ def save_lora(path: str | Path, unet_lora: dict[str, torch.Tensor], config: Lora
     metadata["lora_alpha"] = metadata["r"]  # the scale is folded into lora_B
     metadata["target_modules"] = sorted(metadata["target_modules"] or [])
     with atomic_file(path) as tmp_file, tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp_dir, unet_lora_layers=unet_lora, weight_name=path.name, unet_lora_adapter_metadata=metadata
+        _WRITERS[network].save_lora_weights(
+            tmp_dir, weight_name=path.name, **{f"{network}_lora_layers": unet_lora, f"{network}_lora_adapter_metadata": metadata}
         )
         os.replace(Path(tmp_dir, path.name), tmp_file)
         card = {**card, WEIGHTS_HASH_KEY: file_sha256(tmp_file)}  # a kill between the two renames is caught by read_card

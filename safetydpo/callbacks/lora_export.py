@@ -51,7 +51,8 @@ class LoraExport(Callback):
         if trainer.is_global_zero:
             assert isinstance(pl_module, DPOExpertModule)
             card = self.model_card(trainer, pl_module)
-            save_lora(self.resolved_path(pl_module), pl_module.lora_weights(), pl_module.unet.peft_config["default"], card)
+            network = pl_module.denoiser.network_name
+            save_lora(self.resolved_path(pl_module), pl_module.lora_weights(), pl_module.unet.peft_config["default"], card, network=network)
 
     @staticmethod
     def model_card(trainer: Trainer, module: DPOExpertModule) -> dict[str, Any]:
@@ -59,6 +60,8 @@ class LoraExport(Callback):
         return {
             "format": EXPERT_FORMAT,
             "base_model": module.hparams.base_model,
+            "model_family": module.denoiser.registry_name,
+            "pipeline_class": module.denoiser.pipeline_classes[0],
             "category": module.hparams.category,
             "concepts": list(getattr(datamodule, "train_concepts", [])),
             "dataset": str(getattr(datamodule, "data_dir", "")),

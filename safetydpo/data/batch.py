@@ -16,7 +16,8 @@ from torch import Tensor
 from safetydpo.data.coprov2 import DatasetError
 
 _TENSOR_FIELDS = (
-    "pixels_winner", "pixels_loser", "latents_winner", "latents_loser", "prompt_embeds", "anchor_pixels", "anchor_latents",
+    "pixels_winner", "pixels_loser", "latents_winner", "latents_loser", "prompt_embeds", "pooled_prompt_embeds", "anchor_pixels",
+    "anchor_latents",
 )
 
 
@@ -32,6 +33,7 @@ class PairSample:
     latents_winner: Tensor | None = None
     latents_loser: Tensor | None = None
     prompt_embeds: Tensor | None = None
+    pooled_prompt_embeds: Tensor | None = None  # SDXL / SD3 features only
     anchor_position: int | None = None
     anchor_prompt: str | None = None
     anchor_pixels: Tensor | None = None
@@ -49,6 +51,7 @@ class PairBatch:
     latents_winner: Tensor | None = None
     latents_loser: Tensor | None = None
     prompt_embeds: Tensor | None = None
+    pooled_prompt_embeds: Tensor | None = None
     anchor_positions: Tensor | None = None
     anchor_prompts: list[str] | None = None
     anchor_pixels: Tensor | None = None

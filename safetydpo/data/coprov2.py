@@ -55,6 +55,8 @@ METADATA_SCHEMA = pa.schema(
 METADATA_COLUMNS: tuple[str, ...] = ("unsafe_prompt", "safe_prompt", "category", "concept", "seed", "image_unsafe", "image_safe")
 #: Tensor names inside a features shard, each prefixed by the row id (see ``feature_name``).
 FEATURE_KEYS: tuple[str, ...] = ("latent_safe", "latent_unsafe", "prompt_embeds")
+#: Tensor names a shard holds when the model has them: the pooled text embeddings of SDXL and SD3.
+OPTIONAL_FEATURE_KEYS: tuple[str, ...] = ("pooled_prompt_embeds",)
 
 
 #: Columns of the released CoProV2 CSVs (``CoProv2_train.csv``, ``CoProv2_test.csv``): one row per image.

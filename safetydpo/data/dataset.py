@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from safetydpo.data.batch import PairSample
-from safetydpo.data.coprov2 import FEATURE_KEYS, FEATURES_COLUMN, DatasetError, feature_name, resolve_inside
+from safetydpo.data.coprov2 import FEATURE_KEYS, FEATURES_COLUMN, OPTIONAL_FEATURE_KEYS, DatasetError, feature_name, resolve_inside
 from safetydpo.seeding import derive_seed
 
 #: Feature shards a dataset keeps open per process (least recently opened closed first).
@@ -116,8 +116,11 @@ class PreferencePairDataset(Dataset):
                 # last few open (a few file handles), as consecutive rows come from the same shard.
                 if len(self._shards) >= _OPEN_SHARDS:
                     self._shards.pop(next(iter(self._shards)))
-                shard = self._shards[path] = safe_open(str(path), framework="pt")
-            return {key: shard.get_tensor(feature_name(prefix, key)) for key in FEATURE_KEYS}
+                handle = safe_open(str(path), framework="pt")
+                shard = self._shards[path] = (handle, set(handle.keys()))
+            handle, names = shard
+            present = [key for key in OPTIONAL_FEATURE_KEYS if feature_name(prefix, key) in names]
+            return {key: handle.get_tensor(feature_name(prefix, key)) for key in (*FEATURE_KEYS, *present)}
         except Exception as err:  # safetensors raises its own error types for missing keys and bad headers
             raise DatasetError(f"{describe_row(row, position)}: cannot read features from {path}: {err}") from err
 
@@ -136,6 +139,7 @@ class PreferencePairDataset(Dataset):
             sample.latents_winner = features["latent_safe"]
             sample.latents_loser = features["latent_unsafe"]
             sample.prompt_embeds = features["prompt_embeds"]
+            sample.pooled_prompt_embeds = features.get("pooled_prompt_embeds")
         else:
             sample.pixels_winner = self._load_image(row, position, "image_safe")
             sample.pixels_loser = self._load_image(row, position, "image_unsafe")

@@ -18,8 +18,9 @@ model feeds each adapted layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +102,15 @@ class _InputProbe:
         return (self.total / self.count.clamp(min=1)).float().cpu()
 
 
+#: One batch of network inputs: noisy latents, timesteps, and the text embeddings (a UNet's ``encoder_hidden_states``)
+#: or every conditioning keyword the network takes (SDXL's ``added_cond_kwargs``, SD3's ``pooled_projections``).
+NetworkInputs = tuple[Tensor, Tensor, Tensor | Mapping[str, Any]]
+
+
 def _run_probes(
     unet: torch.nn.Module,
     experts: list[LoraExpert],
-    inputs: Iterable[tuple[Tensor, Tensor, Tensor]],
+    inputs: Iterable[NetworkInputs],
     probe: Callable[[torch.nn.Module, list[LoraExpert], str], _LayerProbe | _InputProbe],
     passes: int,
 ) -> ActivationStats:
@@ -117,12 +123,15 @@ def _run_probes(
     probes = {name: probe(modules[name], experts, name) for name in layer_names}
     num_inputs = 0
     try:
-        for latents, timesteps, embeds in inputs:
+        for latents, timesteps, conditioning in inputs:
             for active in range(passes):
                 for hook in probes.values():
                     if isinstance(hook, _InputProbe):
                         hook.active = active
-                unet(latents, timesteps, encoder_hidden_states=embeds)
+                if isinstance(conditioning, Mapping):  # keywords for any network (SD3's takes timestep as a keyword)
+                    unet(latents, timestep=timesteps, **conditioning)
+                else:
+                    unet(latents, timesteps, encoder_hidden_states=conditioning)
             num_inputs += latents.shape[0]
     finally:
         for hook in probes.values():
@@ -136,11 +145,12 @@ def _run_probes(
 def collect_activations(
     unet: torch.nn.Module,
     experts: list[LoraExpert],
-    inputs: Iterable[tuple[Tensor, Tensor, Tensor]],
+    inputs: Iterable[NetworkInputs],
 ) -> ActivationStats:
     """Direction activity of every expert in one pass of the base ``unet`` per batch; any adapter on it must be disabled.
 
-    ``inputs`` are ``(noisy_latents, timesteps, text_embeds)`` batches.
+    ``inputs`` are ``(noisy_latents, timesteps, text_embeds or conditioning keywords)`` batches; ``unet`` is the
+    adapted network (a UNet, or SD3's transformer).
     """
     return _run_probes(unet, experts, inputs, _LayerProbe, passes=1)
 
@@ -149,7 +159,7 @@ def collect_activations(
 def collect_input_magnitudes(
     unet: torch.nn.Module,
     experts: list[LoraExpert],
-    inputs: Iterable[tuple[Tensor, Tensor, Tensor]],
+    inputs: Iterable[NetworkInputs],
 ) -> ActivationStats:
     """Mean ``|x_i|`` per input feature of every adapted layer under each expert's own model (one pass per expert)."""
     return _run_probes(unet, experts, inputs, _InputProbe, passes=len(experts))

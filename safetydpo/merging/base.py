@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from safetydpo.merging.activations import ActivationStats, collect_activations
+from safetydpo.merging.activations import ActivationStats, NetworkInputs, collect_activations
 from safetydpo.lora_files import LoraExpert, LoraFactors
 from safetydpo.registry import Registry
 
@@ -36,7 +36,7 @@ class MergeMethod(ABC):
         """The experts as this method reads them, before activation statistics are collected."""
         return experts
 
-    def collect(self, unet: torch.nn.Module, experts: list[LoraExpert], inputs: Iterable[tuple[Tensor, Tensor, Tensor]]) -> ActivationStats:
+    def collect(self, unet: torch.nn.Module, experts: list[LoraExpert], inputs: Iterable[NetworkInputs]) -> ActivationStats:
         """The statistics ``merge`` reads when ``needs_activations``: by default, direction activity in one base pass."""
         return collect_activations(unet, experts, inputs)
 

@@ -18,9 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from safetydpo.merging.activations import ActivationStats, collect_input_magnitudes
+from safetydpo.merging.activations import ActivationStats, NetworkInputs, collect_input_magnitudes
 from safetydpo.merging.base import MERGES, MergeMethod, MergeResult, check_rank, max_rank, refactor
 from safetydpo.lora_files import LoraExpert
 
@@ -36,7 +35,7 @@ class CoMergeWeight(MergeMethod):
     def __post_init__(self) -> None:
         check_rank("comerge_weight", self.rank)
 
-    def collect(self, unet: torch.nn.Module, experts: list[LoraExpert], inputs: Iterable[tuple[Tensor, Tensor, Tensor]]) -> ActivationStats:
+    def collect(self, unet: torch.nn.Module, experts: list[LoraExpert], inputs: Iterable[NetworkInputs]) -> ActivationStats:
         return collect_input_magnitudes(unet, experts, inputs)
 
     def merge(self, experts: list[LoraExpert], stats: ActivationStats | None) -> MergeResult:

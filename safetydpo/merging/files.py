@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from safetydpo.locking import output_lock
+from safetydpo.merging.activations import NetworkInputs
 from safetydpo.lora_files import MERGED_FORMAT, LoraExpert, load_lora, lora_config_for, save_lora, state_dict_for
 from safetydpo.merging.base import MERGES, MergeMethod
 from safetydpo.merging.experts import check_compatible, merge_base_model
@@ -66,7 +66,7 @@ def plan_merge(
 def run_merge(
     plan: MergePlan,
     unet: torch.nn.Module | None = None,
-    inputs: Iterable[tuple[Tensor, Tensor, Tensor]] | None = None,
+    inputs: Iterable[NetworkInputs] | None = None,
 ) -> dict[str, Any]:
     """Merge a checked plan and write the LoRA; returns its model card. See ``merge_expert_files``.
 
@@ -76,7 +76,7 @@ def run_merge(
         return _run_merge(plan, unet, inputs)
 
 
-def _run_merge(plan: MergePlan, unet: torch.nn.Module | None, inputs: Iterable[tuple[Tensor, Tensor, Tensor]] | None) -> dict[str, Any]:
+def _run_merge(plan: MergePlan, unet: torch.nn.Module | None, inputs: Iterable[NetworkInputs] | None) -> dict[str, Any]:
     method = plan.method
     experts = method.prepare(plan.experts)
     stats = None
@@ -98,9 +98,11 @@ def _run_merge(plan: MergePlan, unet: torch.nn.Module | None, inputs: Iterable[t
         "base_model": plan.base_model,
         "experts": [{"path": str(e.path), "category": e.card.get("category"), "concepts": e.card.get("concepts", [])} for e in experts],
         "categories": sorted({e.card["category"] for e in experts if e.card.get("category")}),
+        # The family the experts' cards name (checked equal), so the merged card tells users which pipeline loads it.
+        **{key: experts[0].card[key] for key in ("model_family", "pipeline_class") if experts[0].card.get(key)},
         **result.info,
     }
-    save_lora(plan.output, state_dict_for(result.layers), lora_config_for(result.layers), card)
+    save_lora(plan.output, state_dict_for(result.layers), lora_config_for(result.layers), card, network=experts[0].network)
     return card
 
 
@@ -110,7 +112,7 @@ def merge_expert_files(
     method: str | dict[str, Any] | MergeMethod = "comerge",
     *,
     unet: torch.nn.Module | None = None,
-    inputs: Iterable[tuple[Tensor, Tensor, Tensor]] | None = None,
+    inputs: Iterable[NetworkInputs] | None = None,
     base_model: str | None = None,
 ) -> dict[str, Any]:
     """Merge expert LoRA files into one diffusers LoRA at ``output_path``; returns its model card.

@@ -1,41 +1,72 @@
-"""Loading a Stable Diffusion checkpoint's components through diffusers/transformers ``from_pretrained``."""
+"""Loading a diffusion checkpoint's components (any family with a registered denoiser) through ``from_pretrained``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
+from transformers import CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from safetydpo.models.denoisers.base import Conditioning, Denoiser
+
+
+def _sd_family() -> Denoiser:
+    from safetydpo.models.denoisers.sd import StableDiffusion
+
+    return StableDiffusion()
 
 
 @dataclass
 class DiffusionComponents:
-    """What DPO training needs from an SD 1.x/2.x checkpoint: the UNet to adapt plus frozen encoders."""
+    """What DPO training needs from a checkpoint: the network to adapt plus frozen encoders, and its family.
 
-    unet: UNet2DConditionModel
+    ``unet`` is the adapted network whatever the family (SD3's is a transformer; the family's
+    ``network_name`` says which). Text encoders beyond the first are ``None`` where the family or
+    the checkpoint has none (SD 1.x/2.x; SD3 without T5).
+    """
+
+    unet: torch.nn.Module
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
+    text_encoder: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    noise_scheduler: SchedulerMixin
+    text_encoder_2: PreTrainedModel | None = None
+    tokenizer_2: PreTrainedTokenizerBase | None = None
+    text_encoder_3: PreTrainedModel | None = None
+    tokenizer_3: PreTrainedTokenizerBase | None = None
+    denoiser: Denoiser = field(default_factory=_sd_family)
+
+    def encoders(self) -> list[torch.nn.Module]:
+        """The frozen input modules: the VAE and every text encoder present."""
+        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
+
+    def modules(self) -> dict[str, Any]:
+        """Every model and tokenizer present, under its pipeline component name (the network as ``unet`` or ``transformer``)."""
+        named = {self.denoiser.network_name: self.unet, "vae": self.vae}
+        for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"):
+            if getattr(self, name) is not None:
+                named[name] = getattr(self, name)
+        return named
 
     def cast(self, dtype: torch.dtype) -> DiffusionComponents:
-        """Cast the UNet, VAE and text encoder to ``dtype`` in place, as ``load_components`` does on load."""
-        for module in (self.unet, self.vae, self.text_encoder):
+        """Cast the network, VAE and text encoders to ``dtype`` in place, as ``load_components`` does on load."""
+        for module in (self.unet, *self.encoders()):
             # nn.Module.to: diffusers' override warns on every dtype cast, even with nothing to keep in float32.
             torch.nn.Module.to(module, dtype=dtype)
         return self
 
 
-def components_from_pipeline(pipeline: StableDiffusionPipeline) -> DiffusionComponents:
-    """A pipeline's components, with the DDPM noise schedule built from its scheduler config as on load."""
-    return DiffusionComponents(
-        unet=pipeline.unet,
-        vae=pipeline.vae,
-        text_encoder=pipeline.text_encoder,
-        tokenizer=pipeline.tokenizer,
-        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+def components_from_pipeline(pipeline: DiffusionPipeline) -> DiffusionComponents:
+    """A pipeline's components, with the training noise schedule built from its scheduler config as on load."""
+    from safetydpo.models.denoisers.base import denoiser_for_index
+
+    denoiser = denoiser_for_index({"_class_name": type(pipeline).__name__}, f"pipeline {type(pipeline).__name__}")
+    return denoiser.assemble(
+        {name: getattr(pipeline, name, None) for name in denoiser.component_names()}, pipeline.scheduler.config
     )
 
 
@@ -48,45 +79,38 @@ def load_components(
 ) -> DiffusionComponents:
     """Load from a local diffusers folder or a hub id (hub ids need a populated HF cache when offline).
 
-    Weights are cast to ``dtype`` whatever precision they are stored in (the ToyWorld model is
-    stored in fp16). The noise scheduler is always DDPM built from the checkpoint's scheduler
-    config, so training uses its beta schedule and prediction type whatever sampler it ships with.
+    The family comes from the folder's ``model_index.json``. Weights are cast to ``dtype`` whatever
+    precision they are stored in (the ToyWorld model is stored in fp16). The noise scheduler is the
+    family's training scheduler (DDPM, or flow matching for SD3) built from the checkpoint's scheduler
+    config, so training uses its schedule and prediction type whatever sampler it ships with.
     """
+    from safetydpo.models.denoisers.base import denoiser_for
+
     if _looks_local(name_or_path) and not (Path(name_or_path).expanduser() / "model_index.json").is_file():
         raise FileNotFoundError(
             f"pretrained model '{name_or_path}' is not a diffusers pipeline folder (no model_index.json there)"
         )
     path = str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
-    common = {"revision": revision}
-    weights = {"variant": variant, "dtype": dtype, **common}
-    return DiffusionComponents(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
-    )
+    return denoiser_for(path, revision).load(path, revision=revision, variant=variant, dtype=dtype)
 
 
 def sampling_pipeline(components: DiffusionComponents, base_model: str) -> DiffusionPipeline:
-    """A diffusers pipeline around the components in memory (LoRA attached), for samples during training.
+    """A diffusers pipeline around the components in memory (LoRA attached), for samples and renders.
 
     Only the sampler's config is read from ``base_model`` (the pipeline folder or hub id the components
-    came from), so samples use the scheduler the model ships with, as evaluation does; the post-hoc safety
-    checker is left out (we look at the model, not the filter).
+    came from), so samples use the scheduler the model ships with, as evaluation does. Components the
+    folder lists but training does not load (SD's post-hoc safety checker, image encoders) are left
+    out: we look at the model, not the filter.
     """
+    from safetydpo.models.denoisers.base import pipeline_index
+
     path = str(Path(base_model).expanduser()) if _looks_local(base_model) else base_model
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            path,
-            unet=components.unet,
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        index = pipeline_index(path)
+        loaded = components.modules()
+        absent = {name: None for name, value in index.items() if isinstance(value, list) and name != "scheduler" and name not in loaded}
+        no_checker = {"requires_safety_checker": False} if "safety_checker" in index else {}
+        pipe = DiffusionPipeline.from_pretrained(path, **loaded, **absent, **no_checker)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot build a sampling pipeline from '{base_model}': {err}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -99,10 +123,14 @@ def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tens
 
 
 @torch.no_grad()
+def encode_conditioning(components: DiffusionComponents, prompts: list[str]) -> Conditioning:
+    """The family's prompt conditioning (token embeddings, pooled embeddings where it has them)."""
+    return components.denoiser.encode(components, prompts)
+
+
 def encode_prompts(components: DiffusionComponents, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states for ``prompts``."""
-    ids = tokenize_prompts(components.tokenizer, prompts)
-    return components.text_encoder(ids.to(components.text_encoder.device))[0]
+    """Text-encoder hidden states for ``prompts`` (the token embeddings of ``encode_conditioning``)."""
+    return encode_conditioning(components, prompts).embeds
 
 
 @torch.no_grad()
@@ -111,6 +139,13 @@ def encode_images(vae: AutoencoderKL, pixels: torch.Tensor, generators: list[tor
     latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generators)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from latents scaled as ``encode_images`` scales them."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
 
 
 def freeze(*modules: torch.nn.Module) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers.training_utils import cast_training_params
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
@@ -18,7 +18,8 @@ from safetydpo.data.batch import PairBatch
 from safetydpo.devices import DTYPES
 from safetydpo.losses import DenoisingErrors, LossOutput, PreferenceLoss, build_objective, check_finite
 from safetydpo.models.components import DiffusionComponents, freeze, load_components
-from safetydpo.models.inputs import anchor_latents, anchor_noise_and_timesteps, noise_and_timesteps, pair_latents
+from safetydpo.models.denoisers.base import Conditioning
+from safetydpo.models.inputs import anchor_latents, anchor_noise_and_timesteps, noise_and_timesteps, pair_inputs
 from safetydpo.models.lora import LoraSettings, attach_lora, lora_state_dict
 from safetydpo.quiet import ignore_warnings
 
@@ -40,7 +41,8 @@ class DPOExpertModule(LightningModule):
     row), so resumed and multi-GPU runs draw exactly the noise a single uninterrupted run draws.
 
     Args:
-        base_model: diffusers pipeline folder or hub id (SD 1.x / 2.x).
+        base_model: diffusers pipeline folder or hub id: SD 1.x / 2.x, SDXL or SD3 (the family is read from its
+            ``model_index.json``; see ``safetydpo.models.denoisers``).
         loss: registered loss name (``safety_dpo``, ``diffusion_dpo``, ``dpo_sft``, ``ipo``, ``margin``, ``min_snr_dpo``, ``diffusion_kto``, ``anchor``), ``{class_path, init_args}``, an instance, or a list of weighted terms ``[{name: diffusion_dpo, beta: 5000}, {name: anchor, weight: 100}]`` (``weight`` defaults to 1; the objective is their weighted sum, each term logged as ``train/loss_<name>``).
         lora: LoRA rank, alpha, target modules, dropout and init.
         learning_rate: AdamW learning rate for the LoRA weights.
@@ -110,12 +112,15 @@ class DPOExpertModule(LightningModule):
         else:
             components = load_components(base_model, revision=revision, variant=variant, dtype=DTYPES[frozen_dtype])
         self.components = components
-        self.unet = components.unet
+        self.denoiser = components.denoiser
+        self.unet = components.unet  # the adapted network: a UNet, or SD3's transformer
         self.vae = components.vae
         self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2
+        self.text_encoder_3 = components.text_encoder_3
         self.tokenizer = components.tokenizer
         self.noise_scheduler = components.noise_scheduler
-        freeze(self.unet, self.vae, self.text_encoder)
+        freeze(self.unet, *components.encoders())
         # The frozen base is in eval mode on purpose (no dropout in the reference); Lightning warns at fit start.
         ignore_warnings(r"Found \d+ module\(s\) in eval mode")
         # Lightning's own pytree helper calls an API torch has deprecated when it handles our step outputs.
@@ -149,12 +154,12 @@ class DPOExpertModule(LightningModule):
     def train(self, mode: bool = True) -> DPOExpertModule:
         """Keep the frozen encoders in eval mode whatever Lightning asks of the module tree."""
         super().train(mode)
-        self.vae.eval()
-        self.text_encoder.eval()
+        for module in self.components.encoders():
+            module.eval()
         return self
 
-    def _anchor_inputs(self, batch: PairBatch, step: int) -> tuple[Tensor, Tensor] | None:
-        """Anchor latents and safe-prompt embeddings, or ``None`` when no loss term reads anchors."""
+    def _anchor_inputs(self, batch: PairBatch, step: int) -> tuple[Tensor, Conditioning] | None:
+        """Anchor latents and safe-prompt conditioning, or ``None`` when no loss term reads anchors."""
         if self.loss_fn.uses_anchors and not batch.has_anchors:
             term = "anchor_weight > 0" if self.hparams.anchor_weight > 0 else "the loss's anchor term"
             raise ValueError(f"{term} needs anchors in the batches: set data.init_args.anchors: true")
@@ -164,36 +169,40 @@ class DPOExpertModule(LightningModule):
 
     # ------------------------------------------------------------------ loss
     def _schedule_position(self, timesteps: Tensor) -> dict[str, Any]:
-        """Where on the noise schedule the pairs were scored (SD 1.x: DDPM SNR, prediction type)."""
-        return {"timesteps": timesteps, "snr": compute_snr(self.noise_scheduler, timesteps), "prediction_type": self.noise_scheduler.config.prediction_type}
+        """Where on the noise schedule the pairs were scored, for timestep-weighted loss terms (``DenoisingErrors``).
 
-    def _predict(self, latents: Tensor, noise: Tensor, timesteps: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
-        """The UNet's prediction for the noised ``latents`` and its training target, both float32."""
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type '{prediction_type}'; use epsilon or v_prediction")
-        prediction = self._unet_forward(noisy, timesteps, encoder_hidden_states=embeds.to(noisy.dtype)).sample
+        The one place the loss learns the model's schedule, through the denoiser interface: the
+        per-sample SNR (DDPM: diffusers' ``compute_snr``; flow matching: ((1 - sigma) / sigma)^2),
+        sigma for flow-matching models and the prediction type, so no loss branches on the model family.
+        """
+        components = self.components
+        return {
+            "timesteps": timesteps,
+            "snr": self.denoiser.snr(components, timesteps),
+            "sigmas": self.denoiser.sigmas(components, timesteps),
+            "prediction_type": self.denoiser.prediction_type(components),
+        }
+
+    def _predict(self, latents: Tensor, noise: Tensor, timesteps: Tensor, conditioning: Conditioning) -> tuple[Tensor, Tensor]:
+        """The network's prediction for the noised ``latents`` and its training target (the family's rule), both float32."""
+        noisy, target = self.denoiser.noisy_and_target(self.components, latents, noise, timesteps)
+        prediction = self.denoiser.predict(self.components, self._unet_forward, noisy, timesteps, conditioning)
         return prediction.float(), target.float()
 
     def preference_step(self, batch: PairBatch, step: int) -> tuple[LossOutput, DenoisingErrors]:
         """Errors of policy and reference on one batch of pairs (and anchors), and the loss over them."""
         seed = self.hparams.noise_seed
-        winner, loser, embeds = pair_latents(self.components, batch, seed, step)
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        noise, timesteps = noise_and_timesteps(winner, batch.positions, seed, step, num_train_timesteps)
-        # Winner and loser share noise and timestep; they and the anchors go through the UNet in one forward pass.
-        parts = [(torch.cat([winner, loser]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2), embeds.repeat(2, 1, 1))]
+        winner, loser, conditioning = pair_inputs(self.components, batch, seed, step)
+        noise, timesteps = noise_and_timesteps(self.components, winner, batch.positions, seed, step)
+        # Winner and loser share noise and timestep; they and the anchors go through the network in one forward pass.
+        parts = [(torch.cat([winner, loser]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2), conditioning.repeat(2))]
         anchors = self._anchor_inputs(batch, step)
         if anchors is not None:
-            anchor_clean, anchor_embeds = anchors
-            anchor_noise, anchor_timesteps = anchor_noise_and_timesteps(anchor_clean, batch, seed, step, num_train_timesteps)
-            parts.append((anchor_clean.to(winner), anchor_noise, anchor_timesteps, anchor_embeds.to(embeds)))
-        args = tuple(torch.cat(tensors) for tensors in zip(*parts))
+            anchor_clean, anchor_conditioning = anchors
+            anchor_noise, anchor_timesteps = anchor_noise_and_timesteps(self.components, anchor_clean, batch, seed, step)
+            parts.append((anchor_clean.to(winner), anchor_noise, anchor_timesteps, anchor_conditioning.to(conditioning.embeds)))
+        latents, noises, all_timesteps, conditionings = zip(*parts)
+        args = (torch.cat(latents), torch.cat(noises), torch.cat(all_timesteps), Conditioning.cat(list(conditionings)))
         num_pairs = 2 * winner.shape[0]
         prediction, target = self._predict(*args)
         policy_winner, policy_loser = _squared_error(prediction[:num_pairs], target[:num_pairs]).chunk(2)
@@ -204,7 +213,7 @@ class DPOExpertModule(LightningModule):
             with torch.no_grad():
                 self.unet.disable_adapters()
                 try:
-                    reference, _ = self._predict(*(tensor[start:] for tensor in args))
+                    reference, _ = self._predict(*(part[start:] for part in args[:3]), args[3].select(slice(start, None)))
                 finally:
                     self.unet.enable_adapters()
             if self.loss_fn.uses_reference:

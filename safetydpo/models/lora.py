@@ -1,4 +1,4 @@
-"""Attaching a peft LoRA to the UNet and reading its weights out (the file format lives in ``safetydpo.lora_files``)."""
+"""Attaching a peft LoRA to the denoising network (UNet or SD3 transformer) and reading its weights out (the file format lives in ``safetydpo.lora_files``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -56,8 +56,8 @@ def _target_choices(names: list[str]) -> list[str]:
     return sorted(choices)
 
 
-def attach_lora(unet: UNet2DConditionModel, settings: LoraSettings) -> None:
-    """Add a trainable LoRA adapter to ``unet``; every target pattern must match at least one layer."""
+def attach_lora(unet: ModelMixin, settings: LoraSettings) -> None:
+    """Add a trainable LoRA adapter to the network ``unet`` (a UNet or a transformer); every target pattern must match at least one layer."""
     names = _adaptable_module_names(unet)
     unmatched = [
         target for target in settings.target_modules if not any(n == target or n.endswith(f".{target}") for n in names)
@@ -70,7 +70,7 @@ def attach_lora(unet: UNet2DConditionModel, settings: LoraSettings) -> None:
     unet.add_adapter(settings.to_peft(), adapter_name=ADAPTER_NAME)
 
 
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: ModelMixin) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft key format with each layer's alpha/rank scale folded into ``lora_B``.
 
     Folding makes the file mean the same thing to every loader (diffusers, ComfyUI, A1111), since
