@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from safetydpo.attacks import AttackError, build_attack
+from safetydpo.attacks import AttackError, AttackTarget, build_attack
 from safetydpo.attacks.cache import CachedAttack, append_entry, read_cache
 from safetydpo.attacks.mma import MMADiffusion
 from safetydpo.attacks.target import load_target
 from safetydpo.attacks.text import prompt_embedding, vocabulary
+from safetydpo.models.components import load_components
 from safetydpo.toyworld.concept_pairs import CONCEPT_PAIRS_TABLE, ToyWorldConceptPairs
 from safetydpo.toyworld.prompts import heldout_pairs
 
@@ -118,3 +120,28 @@ def test_cache_drops_a_truncated_last_line_and_names_a_corrupt_one(tmp_path: Pat
     path.write_text(json.dumps({"format": "other"}) + "\n", encoding="utf-8")
     with pytest.raises(AttackError, match=rf"{path}:1: not an attack cache line"):
         read_cache(path)
+
+
+def sd15_text_target(device: torch.device) -> AttackTarget:
+    """ToyWorld's parts with an SD 1.5-size text encoder (CLIP ViT-L/14's text config, random weights, 77 tokens)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    components = load_components(TOYWORLD)
+    config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+    components.text_encoder = CLIPTextModel(config).eval().requires_grad_(False).to(device)
+    components.tokenizer.model_max_length = 77
+    return AttackTarget("sd15_text", components, has_reference=False, device=device)
+
+
+@pytest.mark.gpu
+def test_one_step_of_each_text_attack_on_an_sd15_size_encoder(pairs: Path) -> None:
+    target = sd15_text_target(torch.device("cuda"))
+    attacks = [
+        build_attack("mma", tokens=20, iterations=1, top_k=256, candidates=512),
+        build_attack("ring_a_bell", concept_pairs=str(pairs), tokens=16, population=200, generations=1),
+    ]
+    for attack in attacks:
+        outcome = attack.for_categories(["hot_colors"]).attack(PROMPT, target, torch.Generator().manual_seed(0))
+        assert len(outcome.history) == 2 and all(map(math.isfinite, outcome.history))
+        assert (outcome.history[1] >= outcome.history[0]) if outcome.higher_is_better else (outcome.history[1] <= outcome.history[0])
