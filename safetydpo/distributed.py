@@ -145,6 +145,7 @@ def launch(config: DistributedConfig, key: str, error: type[ValueError]) -> Rank
         return Ranks()
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         fabric = Fabric(
@@ -153,7 +154,8 @@ def launch(config: DistributedConfig, key: str, error: type[ValueError]) -> Rank
             num_nodes=config.num_nodes,
             strategy=DDPStrategy(timeout=timedelta(minutes=config.timeout_minutes)),
         )
-    except (ValueError, RuntimeError) as err:  # Lightning's MisconfigurationException is a ValueError
+        fabric.launch()
+    # e.g. accelerator gpu without CUDA, more devices than there are, devices unlike torchrun's --nproc-per-node
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
         raise error(f"{key}: {' '.join(str(err).split())}") from None
-    fabric.launch()
     return Ranks(fabric)

@@ -1,5 +1,5 @@
 """``data build`` and ``evaluate`` on two CPU (gloo) ranks: the files of one process, byte for byte; a rank killed
-mid-render and a rerun; a second run on a locked folder; the GPU check's dry run (both benchmarks on the CPU)."""
+mid-render and a rerun; failures and a locked folder reach every rank; the GPU check's dry run (both benchmarks)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -21,10 +20,9 @@ from fixtures_train import BIN, REPO, cli_env, finish, start
 
 from safetydpo.data.builder import build, load_build_config
 from safetydpo.data.builder.build import RENDERED_DIR
-from safetydpo.data.builder.lock import output_lock
 from safetydpo.evaluation.config import load_config
 from safetydpo.evaluation.runner import evaluate
-from safetydpo.locking import LOCK_NAME
+from safetydpo.locking import LOCK_NAME, output_lock
 
 TAXONOMY = {"violence": {"blood": ["red paint"], "gore": ["red flowers"]}, "self-harm": {"noose": ["rope swing"]}}
 SHARDS = 12  # 3 concepts x 4 pairs, 1 pair per shard: 6 shards per rank
@@ -92,6 +90,19 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Path,
     return {"data": folder / "data", "eval": folder / "eval"}
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux ``/proc``): the ranks Fabric's launcher started."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def build_command(config: Path) -> list[str]:
     return [str(BIN / "safetydpo"), "data", "build", "--config", str(config)]
 
@@ -106,10 +117,10 @@ def test_rank_killed_mid_render_then_a_rerun_writes_the_one_process_dataset(
     manifest = output / "manifest.json"
     deadline, killed = time.monotonic() + 300, None
     while time.monotonic() < deadline and main.poll() is None and killed is None:
-        children = psutil.Process(main.pid).children()
-        if children and manifest.is_file() and json.loads(manifest.read_text())["committed"]:
-            children[0].send_signal(signal.SIGKILL)
-            killed = children[0]
+        ranks = children(main.pid)
+        if ranks and manifest.is_file() and json.loads(manifest.read_text())["committed"]:
+            os.kill(ranks[0], signal.SIGKILL)
+            killed = ranks[0]
         time.sleep(0.01)
     assert killed is not None, log.read_text()[-3000:]
     main.wait(timeout=120)  # Lightning's launcher ends every rank when one dies: no rank waits forever
@@ -117,9 +128,9 @@ def test_rank_killed_mid_render_then_a_rerun_writes_the_one_process_dataset(
     state = json.loads(manifest.read_text())
     assert 1 <= len(state["committed"]) < SHARDS and not state["complete"], "killed mid-render"
 
-    rerun = start(command, tmp_path / "rerun.log")
-    finish(rerun, tmp_path / "rerun.log")
-    assert f"{SHARDS} pairs in {SHARDS} shards" in (tmp_path / "rerun.log").read_text()
+    # The rerun may use another number of ranks (here: this process alone); it renders what was not committed.
+    rerun = build(load_build_config(write_build_config(tmp_path, tiny_pipeline_dir, output, devices=1)))
+    assert rerun.rendered_shards == SHARDS - len(state["committed"])
     # Every image and feature shard exactly once, no temporary file or rendered-mark left, the same bytes as one process.
     assert contents(output) == contents(reference["data"])
     assert not (output / RENDERED_DIR).exists() and json.loads(manifest.read_text())["complete"]
@@ -130,7 +141,8 @@ def test_two_rank_evaluation_writes_the_one_process_images_and_results(
 ) -> None:
     output = tmp_path / "eval"
     config = write_eval_config(tmp_path, tiny_pipeline_dir, reference["data"], output, devices=2)
-    process = start([str(BIN / "safetydpo"), "evaluate", "--config", str(config)], tmp_path / "eval.log")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+    process = start([*torchrun, str(BIN / "safetydpo"), "evaluate", "--config", str(config)], tmp_path / "eval.log")
     finish(process, tmp_path / "eval.log")
     written, expected = contents(output), contents(reference["eval"])
     assert sum(name.endswith(".png") and name.startswith("images/") for name in written) == 24
@@ -138,20 +150,24 @@ def test_two_rank_evaluation_writes_the_one_process_images_and_results(
     assert "rank 1/2" in (tmp_path / "eval.log").read_text(), "rank 1 rendered its batches"
 
 
-def test_second_run_on_a_folder_being_written_stops_every_rank_with_one_line(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
-    output = tmp_path / "data"
-    config = write_build_config(tmp_path, tiny_pipeline_dir, output, devices=2)
-    with output_lock(output):  # this test is the run writing the folder
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
-        result = subprocess.run(
-            [*torchrun, *build_command(config)], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
-        )
-        assert sorted(path.name for path in output.rglob("*")) == [".build", "lock"], "the refused run wrote nothing"
-    assert result.returncode != 0
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if "another build is writing" in line]
-    assert len(lines) == 2, result.stderr[-3000:]  # rank 0 found the lock; rank 1 got its error
-    assert lines[0] == lines[1] and lines[0].startswith("safetydpo data build: error: another build is writing")
-    assert f"pid {os.getpid()}" in lines[0], "names the process holding the folder"
+def test_a_failure_on_one_rank_is_the_same_error_on_every_rank(tmp_path: Path) -> None:
+    """Ranks' helpers on a real gloo group: no rank is left waiting in a collective for a rank that stopped."""
+    from fixtures_ranks import rank_worker
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    locked = tmp_path / "being-written"
+    with output_lock(locked / LOCK_NAME, "build"):  # this test is the run writing the folder
+        torch.multiprocessing.spawn(rank_worker, args=(find_free_network_port(), str(tmp_path), str(locked)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    refusal = seen[0]["lock"]
+    assert refusal.startswith(f"another build is writing {locked} (held by pid {os.getpid()}") and "\n" not in refusal
+    for rank, view in enumerate(seen):
+        assert (view["rank"], view["world_size"]) == (rank, 2)
+        assert view["on_all"] == "rank 1 could not render shard 3", "rank 0 learns of rank 1's failure"
+        assert view["on_zero"] == "output was built with a different config", "rank 1 learns of rank 0's failure"
+        assert view["share"] == {"pending": [1, 3]}
+        assert view["on_all_ok"] == rank * 10, "without a failure every rank gets its own result"
+        assert view["lock"] == refusal, "rank 0 found the folder locked; rank 1 stops with its one line"
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -174,3 +190,13 @@ def test_gpu_check_dry_run_runs_both_benchmarks_and_writes_one_table(tmp_path: P
     assert "tiny pipeline" in saved and sorted(p.name for p in (tmp_path / "out" / "gpu_check_logs").iterdir()) == [
         "generation.log", "train.log"
     ]
+
+
+@pytest.mark.gpu
+def test_sd15_generation_benchmark_on_gpu(tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO / "benchmarks" / "generation_throughput.py"), "--device", "cuda", "--batch-size", "2",
+               "--batches", "1", "--steps", "4", "--channels-last"]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    assert float(rows["ours"][0]) > 0 and float(rows["plain"][0]) > 0, "random SD 1.5 weights render valid images in bf16"
