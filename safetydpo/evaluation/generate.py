@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.evaluation.sld import check_sld, safe_pipeline, sld_settings
 from safetydpo.io import write_json_atomic
 from safetydpo.lora_files import LoraFileError, load_lora
+from safetydpo.models.denoisers.base import unstored_components
 from safetydpo.quiet import drop_log_messages
 from safetydpo.progress import progress_bar
 
@@ -104,7 +106,7 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
     folder = Path(model.base_model).expanduser()
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **no_checker)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **unstored_components(index), **no_checker)
     if model.lora:
         # Our LoRAs adapt the UNet only; diffusers says so for the text encoder on every load.
         drop_log_messages("diffusers.loaders.lora_base", r"^No LoRA keys associated to CLIPTextModel")
@@ -153,7 +155,10 @@ def render(
     """
     rank, world_size = share
     mine = batches(images, generation.batch_size)[rank::world_size]
-    with progress_bar(total=sum(len(batch) for batch in mine), desc=description, unit="img") as bar:
+    # PNG encoding (zlib, outside the GIL) of a batch overlaps the denoising of the next; at most one batch of writes
+    # is in flight, so a failed write (a full disk) stops the run one batch later.
+    writing: list[Future[Path]] = []
+    with progress_bar(total=sum(len(batch) for batch in mine), desc=description, unit="img") as bar, ThreadPoolExecutor(1) as writer:
         for batch in mine:
             guidance, height, width = batch[0].guidance_scale, batch[0].height, batch[0].width
             output = pipe(
@@ -167,5 +172,9 @@ def render(
             )
             for picture, image in zip(output.images, batch):
                 check_render(picture, image, description)
-                save_png(pipe.numpy_to_pil(picture[None])[0], image.path)
+            for done in writing:
+                done.result()
+            writing = [writer.submit(save_png, pipe.numpy_to_pil(picture[None])[0], image.path) for picture, image in zip(output.images, batch)]
             bar.update(len(batch))
+        for done in writing:
+            done.result()
