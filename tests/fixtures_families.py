@@ -30,6 +30,7 @@ from safetydpo.merging.experts import ExpertMismatchError
 from safetydpo.merging.files import merge_expert_files
 from safetydpo.models import DPOExpertModule, LoraSettings
 from safetydpo.models.components import components_from_pipeline, encode_conditioning, load_components
+from safetydpo.models.denoisers.base import pipeline_index, unstored_components
 from safetydpo.models.inputs import activation_inputs, noise_and_timesteps, pair_inputs
 from safetydpo.models.tiny import build_tiny_pipeline, save_tiny_pipeline
 
@@ -115,7 +116,7 @@ def network_inputs(module: DPOExpertModule, batch: PairBatch) -> tuple[torch.Ten
 def check_exported_lora_reproduces(module: DPOExpertModule, lora: Path, pipeline_dir: Path, batch: PairBatch, pipeline_class: type) -> None:
     """The exported file, loaded by the family's own pipeline ``load_lora_weights``, gives the trained network's output."""
     assert load_lora(lora).card["model_family"] == module.denoiser.registry_name
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, **unstored_components(pipeline_index(str(pipeline_dir))))
     assert type(pipe) is pipeline_class
     pipe.load_lora_weights(str(lora))
     noisy, timesteps, conditioning = network_inputs(module, batch)
@@ -148,7 +149,7 @@ def check_comerge(module: DPOExpertModule, lora: Path, batch: PairBatch, root: P
         module.unet.enable_adapters()
     assert merged["activation_inputs"] == 2 * len(batch) and merged["model_family"] == module.denoiser.registry_name
     assert sum(merged["contribution_share"].values()) == pytest.approx(1.0)
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, **unstored_components(pipeline_index(str(pipeline_dir))))
     pipe.load_lora_weights(str(root / "merged.safetensors"))
     sd = build_tiny_pipeline(0)
     sd_module = DPOExpertModule.from_components(components_from_pipeline(sd), lora=LoraSettings(rank=4))

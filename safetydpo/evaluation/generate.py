@@ -106,7 +106,7 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
     folder = Path(model.base_model).expanduser()
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **unstored_components(index), **no_checker)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **{**unstored_components(index), **no_checker})
     if model.lora:
         # Our LoRAs adapt the UNet only; diffusers says so for the text encoder on every load.
         drop_log_messages("diffusers.loaders.lora_base", r"^No LoRA keys associated to CLIPTextModel")

@@ -102,13 +102,14 @@ def sampling_pipeline(components: DiffusionComponents, base_model: str) -> Diffu
     folder lists but training does not load (SD's post-hoc safety checker, image encoders) are left
     out: we look at the model, not the filter.
     """
-    from safetydpo.models.denoisers.base import pipeline_index
+    from safetydpo.models.denoisers.base import pipeline_index, unstored_components
 
     path = str(Path(base_model).expanduser()) if _looks_local(base_model) else base_model
     try:
         index = pipeline_index(path)
         loaded = components.modules()
-        absent = {name: None for name, value in index.items() if isinstance(value, list) and name != "scheduler" and name not in loaded}
+        listed = {name: None for name, value in index.items() if isinstance(value, list) and name != "scheduler"}
+        absent = {name: None for name in {**listed, **unstored_components(index)} if name not in loaded}
         no_checker = {"requires_safety_checker": False} if "safety_checker" in index else {}
         pipe = DiffusionPipeline.from_pretrained(path, **loaded, **absent, **no_checker)
     except (OSError, ValueError) as err:

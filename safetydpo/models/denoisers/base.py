@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin
 from torch import Tensor
@@ -181,6 +182,16 @@ def pipeline_index(name_or_path: str, revision: str | None = None) -> dict[str, 
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UnsupportedModelError(f"{local} is not readable JSON ({err}); restore the pipeline folder") from None
     return dict(DiffusionPipeline.load_config(name_or_path, revision=revision))
+
+
+def unstored_components(index: dict[str, Any]) -> dict[str, None]:
+    """``None`` for each component the index's pipeline class takes that the folder does not store (an SD3 folder
+    saved without T5 lists ``text_encoder_3`` as null): ``from_pretrained`` refuses to load it unless they are passed."""
+    cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        return {}
+    expected, _ = cls._get_signature_keys(cls)  # what diffusers' own from_pretrained checks the folder against
+    return {name: None for name in expected if not (index.get(name) or [None])[0]}
 
 
 def denoiser_for_index(index: dict[str, Any], where: str) -> Denoiser:
