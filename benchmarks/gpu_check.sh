@@ -27,8 +27,8 @@ case $mode in
     generate=(--device cuda --batch-size 8 --batches 4 --warmup 1 --steps 20 --compile --channels-last)
     limits=(100 200 170) ;;
   --tiny)
-    train=(--tiny --device cpu --batch-size 2 --steps 2 --warmup 1)
-    generate=(--tiny --device cpu --batch-size 2 --batches 2 --warmup 1 --steps 2 --channels-last)
+    train=(--tiny --device cpu --batch-size 2 --steps 1 --warmup 0)
+    generate=(--tiny --device cpu --batch-size 2 --batches 1 --warmup 0 --steps 2 --channels-last)
     limits=(120 0 120) ;;
   *)
     echo "usage: $0 [--tiny]" >&2
