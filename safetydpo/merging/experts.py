@@ -20,6 +20,13 @@ def check_compatible(experts: list[LoraExpert], equal_ranks: bool = False) -> No
         raise ExpertMismatchError("no experts to merge")
     first = experts[0]
     for expert in experts[1:]:
+        families = (expert.card.get("model_family"), first.card.get("model_family"))
+        if expert.network != first.network or (all(families) and families[0] != families[1]):
+            theirs, ours = (f"{family or '?'} ({e.network} LoRA)" for family, e in zip(families, (expert, first)))
+            raise ExpertMismatchError(
+                f"{expert.path} is an expert of another model family than {first.path}: {theirs} vs {ours}; "
+                "merge only experts trained on one base model"
+            )
         if set(expert.layers) != set(first.layers):
             extra = sorted(set(expert.layers) ^ set(first.layers))
             raise ExpertMismatchError(f"{expert.path} adapts different layers than {first.path}, e.g. {extra[0]}")
