@@ -110,8 +110,8 @@ def write_uce(folder: Path, name: str, concepts: list[str]) -> Path:
     return run_edit(edit, BASE_MODEL, folder / "loras" / f"{name}.safetensors")
 
 
-def merge_experts(root: Path, folder: Path, name: str, categories: list[str], config: Any) -> Path:
-    """Co-Merge at one expert's size (rank 4) of the pipeline's experts of ``categories``, with the pipeline's inputs."""
+def merge_experts(root: Path, experts: Path, folder: Path, name: str, categories: list[str], config: Any) -> Path:
+    """Co-Merge at one expert's size (rank 4) of the experts of ``categories``, with the pipeline's activation inputs."""
     out = folder / "loras" / f"{name}.safetensors"
     if out.is_file():
         return out
@@ -120,8 +120,8 @@ def merge_experts(root: Path, folder: Path, name: str, categories: list[str], co
     merge = config.merge
     batches = pair_batches(root / "data", merge.num_batches, merge.batch_size, merge.resolution, merge.seed)
     inputs = activation_inputs(components, batches, merge.seed, total=merge.num_batches)
-    experts = [root / "experts" / f"{category}.safetensors" for category in categories]
-    merge_expert_files(experts, out, method={"name": "comerge", "rank": 4}, unet=components.unet, inputs=inputs, base_model=config.base_model)
+    files = [experts / f"{category}.safetensors" for category in categories]
+    merge_expert_files(files, out, method={"name": "comerge", "rank": 4}, unet=components.unet, inputs=inputs, base_model=config.base_model)
     return out
 
 
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--folder", default="runs/baselines", help="where LoRAs, renders and baselines.json go")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: --no-experts, 8 concepts only, tiny budgets")
     parser.add_argument("--no-experts", action="store_true", help="skip the rows that need the pipeline's experts (SafetyDPO, all-single)")
+    parser.add_argument("--experts", default=None, help="folder of <category>.safetensors experts (default: the pipeline output's)")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--sampling-steps", type=int, default=20, help="evaluation's denoising steps (the demo's)")
     parser.add_argument("--reference-renders", type=int, default=4)
@@ -222,14 +223,15 @@ def main() -> None:
     if not args.no_experts:
         config, _ = parse(pipeline_parser("baselines", ""), ["--config", str(TOYWORLD_PIPELINE), *pipeline_args])
         root = Path(config.output)
-        missing = [c for c in config.experts.categories if not (root / "experts" / f"{c}.safetensors").is_file()]
+        experts = Path(args.experts) if args.experts else root / "experts"
+        missing = [c for c in config.experts.categories if not (experts / f"{c}.safetensors").is_file()]
         if missing:  # a pipeline run is the lead's to start (safetydpo demo), not a side effect of a benchmark
-            raise SystemExit(f"baselines: {root} has no experts for {', '.join(missing)}; run safetydpo demo first or pass --no-experts")
+            raise SystemExit(f"baselines: {experts} has no experts for {', '.join(missing)}; run safetydpo demo first, or pass --experts or --no-experts")
         for n, concepts in groups.items():
             categories = list(dict.fromkeys(concept_category(c) for c in concepts))
             if len(categories) * 2 == n:  # SafetyDPO's experts are per category: 1 concept has none
                 name = f"safetydpo-{n}"
-                path = root / "experts" / f"{categories[0]}.safetensors" if len(categories) == 1 else merge_experts(root, folder, name, categories, config)
+                path = experts / f"{categories[0]}.safetensors" if len(categories) == 1 else merge_experts(root, experts, folder, name, categories, config)
                 loras[name] = {"lora": str(path)}
                 scaling["safetydpo"][n] = name
         main_rows["safetydpo"] = "safetydpo-8"
