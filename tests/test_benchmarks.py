@@ -51,6 +51,7 @@ def test_merge_ablation_prints_ip_per_category_for_each_method(tmp_path: Path) -
              "--data.overrides", "{render: {steps: 8}, pairs: {per_concept: 6}}",
              "--experts.overrides", "{trainer: {max_steps: 10}, data: {init_args: {batch_size: 8}}}",
              "--merge.num_batches", "1", "--merge.batch_size", "8",
+             "--evaluate.overrides", "{generation: {num_inference_steps: '${variables.sampling_steps}'}, attacks: []}",
              "--evaluate.assets", "[{name: toyworld_heldout, seed: 0, reference_renders: 1}]"]
     result = run([sys.executable, str(REPO / "benchmarks" / "merge_ablation.py"), "--output", str(tmp_path / "demo"),
                   "--methods", "comerge", "linear", *small], cwd=REPO)

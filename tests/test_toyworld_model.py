@@ -74,6 +74,7 @@ def test_short_demo_lowers_ip(tmp_path: Path) -> None:
         "--experts.overrides", "{trainer: {max_steps: 60}, model: {init_args: {learning_rate: 2.0e-3}}, data: {init_args: {batch_size: 8}}}",
         "--merge.num_batches", "2", "--merge.batch_size", "8",
         "--evaluate.assets", "[{name: toyworld_heldout, seed: 0, reference_renders: 1}]",
+        "--evaluate.overrides", "{generation: {num_inference_steps: '${variables.sampling_steps}'}, attacks: []}",  # attacks: tests/test_attacks_eval.py
     ]
     result = subprocess.run([str(Path(sys.executable).parent / "safetydpo"), "demo", *overrides], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
