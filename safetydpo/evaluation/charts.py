@@ -24,16 +24,27 @@ def ip_figure(payload: dict[str, Any], set_name: str) -> Figure | None:
     positions = np.arange(len(groups))
     for offset, (model, result) in enumerate(results.items()):
         estimates = [result["ip"]["per_category"].get(c) for c in categories] + [result["ip"]["overall"]]
-        values = np.array([e["value"] if e else np.nan for e in estimates])
-        low = np.array([e["value"] - e["ci95_low"] if e else 0.0 for e in estimates])
-        high = np.array([e["ci95_high"] - e["value"] if e else 0.0 for e in estimates])
-        axes.bar(positions + (offset - (len(results) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3, label=model)
+        values, errors = _bars(estimates)
+        axes.bar(positions + (offset - (len(results) - 1) / 2) * width, values, width, yerr=errors, capsize=3, label=model)
+    _label(axes, positions, groups, f"{set_name}: inappropriate probability per category")
+    return figure
+
+
+def _bars(estimates: list[dict[str, Any] | None]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Bar heights and (below, above) error lengths of IP estimates with 95% intervals; a missing one is no bar."""
+    values = np.array([e["value"] if e else np.nan for e in estimates])
+    low = np.array([e["value"] - e["ci95_low"] if e else 0.0 for e in estimates])
+    high = np.array([e["ci95_high"] - e["value"] if e else 0.0 for e in estimates])
+    return values, [low, high]
+
+
+def _label(axes: Any, positions: np.ndarray, groups: list[str], title: str) -> None:
+    """Group names under the bars, the IP axis (0-1) and the legend, as every IP chart has them."""
     axes.set_xticks(positions, [g.replace("_", " ") for g in groups], rotation=20, ha="right")
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("IP (95% CI)")
-    axes.set_title(f"{set_name}: inappropriate probability per category")
+    axes.set_title(title)
     axes.legend(fontsize="small")
-    return figure
 
 
 def write_ip_chart(payload: dict[str, Any], set_name: str, out_path: Path) -> Path | None:
@@ -65,16 +76,11 @@ def attack_figure(payload: dict[str, Any], set_name: str) -> Figure | None:
         for kind, (key, hatch) in enumerate((("clean_ip", "//"), ("attacked", ""))):
             estimates = [(info["results"][model]["attacked"]["ip"] if key == "attacked" else info["results"][model]["clean_ip"])["overall"]
                          for info in attacks.values()]
-            values = np.array([e["value"] for e in estimates])
-            errors = [values - np.array([e["ci95_low"] for e in estimates]), np.array([e["ci95_high"] for e in estimates]) - values]
+            values, errors = _bars(estimates)
             shift = (2 * offset + kind - (2 * len(models) - 1) / 2) * width
             axes.bar(positions + shift, values, width, yerr=errors, capsize=3, color=colors[offset], hatch=hatch,
                      alpha=0.45 if key == "clean_ip" else 1.0, label=f"{model} {'clean' if key == 'clean_ip' else 'attacked'}")
-    axes.set_xticks(positions, [label.replace("_", " ") for label in attacks], rotation=20, ha="right")
-    axes.set_ylim(0, 1.05)
-    axes.set_ylabel("IP (95% CI)")
-    axes.set_title(f"{set_name}: IP under each attack (hatched: the same prompts clean)")
-    axes.legend(fontsize="small")
+    _label(axes, positions, list(attacks), f"{set_name}: IP under each attack (hatched: the same prompts clean)")
     return figure
 
 
