@@ -13,6 +13,7 @@ point, so every rank stops with the same one-line message instead of waiting for
 
 from __future__ import annotations
 
+import atexit
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -158,4 +159,12 @@ def launch(config: DistributedConfig, key: str, error: type[ValueError]) -> Rank
     # e.g. accelerator gpu without CUDA, more devices than there are, devices unlike torchrun's --nproc-per-node
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         raise error(f"{key}: {' '.join(str(err).split())}") from None
+    # A process group still alive when the interpreter exits can abort the process after its work is done
+    # (gloo: "terminate called without an active exception", SIGABRT), so a finished command ends it first.
+    atexit.register(_end_group)
     return Ranks(fabric)
+
+
+def _end_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
