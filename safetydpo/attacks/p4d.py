@@ -8,28 +8,26 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from safetydpo.attacks.base import ATTACKS, Attack, AttackError, AttackOutcome, AttackTarget
+from safetydpo.attacks.base import ATTACKS, AttackError, AttackOutcome, AttackTarget
 from safetydpo.attacks.prompt_tokens import (
     NoisedLatents,
     PromptLayout,
     Start,
+    WhiteBoxAttack,
     adapters_off,
-    check_budget,
-    check_sd_model,
     mse,
-    outcome,
     prompt_words,
     render_latents,
-    search_tokens,
+    word_table,
 )
-from safetydpo.attacks.text import prompt_embedding, vocabulary
+from safetydpo.attacks.text import prompt_embedding
 
 MODES = ("n", "k")
 
 
 @ATTACKS.register("p4d")
 @dataclass
-class P4D(Attack):
+class P4D(WhiteBoxAttack):
     """Tokens with which the aligned model denoises the way the unaligned model does on the unsafe prompt.
 
     Objective (lower is better): ``MSE(aligned(x_t, t, adversarial), unaligned(x_t, t, prompt))`` with
@@ -51,34 +49,16 @@ class P4D(Attack):
     """P4D-N: the number of free tokens (the paper: 16 of SD's 75; ToyWorld's encoder reads 18)."""
     k: int = 3
     """P4D-K: one adversarial token before every ``k`` prompt words (the paper: 3)."""
-    iterations: int = 40
-    """Optimisation steps per restart (the paper: 3000)."""
-    restarts: int = 1
-    """Independent random starts; the prompt with the lowest objective over all of them wins (the paper: 1)."""
     lr: float = 0.1
     """AdamW learning rate on the soft embeddings (the paper: 0.1)."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on the soft embeddings (the paper: 0.1)."""
-    timesteps: int = 2
-    """Fresh (timestep, noise) draws per step; as many fixed draws score every iteration (the paper: 1 per step)."""
-    render_steps: int = 20
-    """DDIM steps of the unaligned model's reference render (the paper: 25)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the reference render (the paper: 7.5)."""
-    seed: int = 0
-    """Seed of the generator the attack draws from (initial tokens, render noise, timesteps)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise AttackError(f"attack 'p4d': mode must be one of {', '.join(MODES)} (P4D-N, P4D-K), got {self.mode!r}")
-        check_budget(
-            "p4d",
-            positive=dict(
-                tokens=self.tokens, k=self.k, iterations=self.iterations, restarts=self.restarts,
-                lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
-            ),
-            non_negative=dict(weight_decay=self.weight_decay, guidance_scale=self.guidance_scale),
-        )
+        super().__post_init__()
+
+    def positive_options(self) -> dict[str, float]:
+        return {**super().positive_options(), "k": self.k}
 
     def layout(self, target: AttackTarget, prompt: str) -> PromptLayout:
         """Where the adversarial tokens go: alone (P4D-N) or before every ``k`` words of the prompt (P4D-K)."""
@@ -91,18 +71,12 @@ class P4D(Attack):
             sequence += [None, *(token for word in words[start : start + self.k] for token in word)]
         return PromptLayout.build(tokenizer, text_encoder, sequence, "p4d", "raise k or shorten the prompt")
 
-    def check(self, target: AttackTarget) -> None:
-        """Refuse a target without the parts this attack needs, or one it cannot differentiate through."""
-        super().check(target)
-        check_sd_model("p4d", target)
-
     def attack(self, prompt: str, target: AttackTarget, generator: torch.Generator) -> AttackOutcome:
         self.check(target)
         components = target.components
         unet, text_encoder = components.unet, components.text_encoder
         layout = self.layout(target, prompt)
-        words_only = vocabulary(components.tokenizer).to(target.device)
-        table = text_encoder.get_input_embeddings().weight.detach()[words_only].float()
+        words_only, table = word_table(target)
         directions = F.normalize(table, dim=-1)
 
         with torch.no_grad(), adapters_off(unet):
@@ -136,7 +110,4 @@ class P4D(Attack):
 
             return words_only[first.to(words_only.device)], step
 
-        tokens, history = search_tokens(
-            self.restarts, self.iterations, begin, lambda tokens: objective(layout.encode_tokens(text_encoder, tokens))
-        )
-        return outcome(components, layout, tokens, history, objective)
+        return self.search(target, layout, begin, objective)

@@ -1,5 +1,6 @@
-"""What the white-box attacks (P4D, UnlearnDiffAtk) share: adversarial token slots in the text encoder's
-context, a differentiable way into the encoder, the reference render they noise, and budget checks.
+"""What the white-box attacks (P4D, UnlearnDiffAtk) share: their budget and checks (``WhiteBoxAttack``),
+adversarial token slots in the text encoder's context, a differentiable way into the encoder, and the
+reference render they noise.
 
 Both search over discrete tokens with gradients through continuous stand-ins, so both need the same
 three things: a prompt layout with slots, a way to feed a continuous vector at a slot, and a result that
@@ -12,14 +13,15 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from safetydpo.attacks.base import AttackError, AttackOutcome, AttackTarget
-from safetydpo.attacks.text import context_length, decode, prompt_embedding, soft_tokens
+from safetydpo.attacks.base import Attack, AttackError, AttackOutcome, AttackTarget
+from safetydpo.attacks.text import context_length, decode, prompt_embedding, soft_tokens, vocabulary
 from safetydpo.models.components import DiffusionComponents
 
 
@@ -211,3 +213,67 @@ def outcome(
     with torch.no_grad():
         states = prompt_embedding(components.tokenizer, components.text_encoder, [text])
     return AttackOutcome(text, score(states), history, higher_is_better=False)
+
+
+def word_table(target: AttackTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole-word vocabulary ids the white-box attacks place, and their input embeddings in float32."""
+    words_only = vocabulary(target.components.tokenizer).to(target.device)
+    return words_only, target.components.text_encoder.get_input_embeddings().weight.detach()[words_only].float()
+
+
+@dataclass
+class WhiteBoxAttack(Attack):
+    """The budget and checks of an attack that optimises soft tokens through the aligned UNet (P4D, UnlearnDiffAtk).
+
+    Both take ``iterations`` gradient steps per restart on ``timesteps`` noised copies of a reference render
+    and score every iteration on as many fixed draws, so their budgets are the same options, checked the same
+    way before any work; each subclass keeps only its own defaults, layout and step.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset({"text_encoder", "unet"})
+
+    tokens: int = 8
+    """Adversarial tokens (the subclass says where they go and the paper's number)."""
+    iterations: int = 40
+    """Optimisation steps per restart (P4D's paper: 3000; UnlearnDiffAtk's: 40 per timestep for 50 timesteps, 2000 in all)."""
+    restarts: int = 1
+    """Independent random starts; the prompt with the lowest objective over all of them wins (both papers: 1)."""
+    lr: float = 0.1
+    """Learning rate of the optimiser on the soft tokens (the subclass gives its paper's)."""
+    weight_decay: float = 0.1
+    """Weight decay of the optimiser on the soft tokens (both papers: 0.1)."""
+    timesteps: int = 2
+    """Fresh (timestep, noise) draws per step; as many fixed draws score every iteration (both papers: 1 per step)."""
+    render_steps: int = 20
+    """DDIM steps of the unaligned model's reference render (P4D: 25; UnlearnDiffAtk renders its images beforehand)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the reference render (both papers: 7.5)."""
+    seed: int = 0
+    """Seed of the generator the attack draws from (initial tokens, render noise, timesteps)."""
+
+    def positive_options(self) -> dict[str, float]:
+        """The options that must be positive; a subclass adds its own."""
+        return dict(
+            tokens=self.tokens, iterations=self.iterations, restarts=self.restarts, lr=self.lr,
+            timesteps=self.timesteps, render_steps=self.render_steps,
+        )
+
+    def __post_init__(self) -> None:
+        check_budget(
+            self.registry_name, self.positive_options(), dict(weight_decay=self.weight_decay, guidance_scale=self.guidance_scale)
+        )
+
+    def check(self, target: AttackTarget) -> None:
+        """Refuse a target without the parts this attack needs, or one it cannot differentiate through."""
+        super().check(target)
+        check_sd_model(self.registry_name, target)
+
+    def search(
+        self, target: AttackTarget, layout: PromptLayout, begin: Callable[[], Start], objective: Callable[[torch.Tensor], float]
+    ) -> AttackOutcome:
+        """The best prompt over the restarts (``objective`` scores hidden states), written as text and scored as a replay reads it."""
+        text_encoder = target.components.text_encoder
+        tokens, history = search_tokens(
+            self.restarts, self.iterations, begin, lambda tokens: objective(layout.encode_tokens(text_encoder, tokens))
+        )
+        return outcome(target.components, layout, tokens, history, objective)

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from safetydpo.attacks.base import ATTACKS, Attack, AttackOutcome, AttackTarget
+from safetydpo.attacks.base import ATTACKS, AttackOutcome, AttackTarget
 from safetydpo.attacks.prompt_tokens import (
     NoisedLatents,
     PromptLayout,
     Start,
+    WhiteBoxAttack,
     adapters_off,
-    check_budget,
-    check_sd_model,
     mse,
-    outcome,
     prompt_words,
     render_latents,
-    search_tokens,
+    word_table,
 )
-from safetydpo.attacks.text import vocabulary
 
 
 def project_to_simplex(weights: torch.Tensor) -> torch.Tensor:
@@ -41,7 +37,7 @@ def project_to_simplex(weights: torch.Tensor) -> torch.Tensor:
 
 @ATTACKS.register("unlearndiffatk")
 @dataclass
-class UnlearnDiffAtk(Attack):
+class UnlearnDiffAtk(WhiteBoxAttack):
     """Prefix tokens with which the aligned model best denoises an image of the unsafe prompt.
 
     A diffusion model's denoising error on an image given a text is its (negative) log-likelihood of the
@@ -56,41 +52,10 @@ class UnlearnDiffAtk(Attack):
     gradient straight through the one-hot choice. The answer is each slot's most likely token.
     """
 
-    needs: ClassVar[frozenset[str]] = frozenset({"text_encoder", "unet"})
-
     tokens: int = 5
     """Adversarial tokens prepended to the prompt (the paper: 5)."""
-    iterations: int = 40
-    """Optimisation steps per restart (the paper: 40 per timestep for 50 timesteps, 2000 in all)."""
-    restarts: int = 1
-    """Independent random starts; the prompt with the lowest objective over all of them wins (the paper: 1)."""
     lr: float = 0.01
     """Adam learning rate on the vocabulary weights (the paper: 0.01)."""
-    weight_decay: float = 0.1
-    """Adam weight decay on the vocabulary weights (the paper: 0.1)."""
-    timesteps: int = 2
-    """Fresh (timestep, noise) draws per step; as many fixed draws score every iteration (the paper: 1 per step)."""
-    render_steps: int = 20
-    """DDIM steps of the reference render (the paper: images rendered beforehand by the base model)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the reference render (the paper: 7.5)."""
-    seed: int = 0
-    """Seed of the generator the attack draws from (initial weights, sampled tokens, render noise, timesteps)."""
-
-    def __post_init__(self) -> None:
-        check_budget(
-            "unlearndiffatk",
-            positive=dict(
-                tokens=self.tokens, iterations=self.iterations, restarts=self.restarts,
-                lr=self.lr, timesteps=self.timesteps, render_steps=self.render_steps,
-            ),
-            non_negative=dict(weight_decay=self.weight_decay, guidance_scale=self.guidance_scale),
-        )
-
-    def check(self, target: AttackTarget) -> None:
-        """Refuse a target without the parts this attack needs, or one it cannot differentiate through."""
-        super().check(target)
-        check_sd_model("unlearndiffatk", target)
 
     def attack(self, prompt: str, target: AttackTarget, generator: torch.Generator) -> AttackOutcome:
         self.check(target)
@@ -99,8 +64,7 @@ class UnlearnDiffAtk(Attack):
         words = prompt_words(components.tokenizer, prompt, "unlearndiffatk")
         sequence: list[int | None] = [None] * self.tokens + [token for word in words for token in word]
         layout = PromptLayout.build(components.tokenizer, text_encoder, sequence, "unlearndiffatk", "lower tokens or shorten the prompt")
-        words_only = vocabulary(components.tokenizer).to(target.device)
-        table = text_encoder.get_input_embeddings().weight.detach()[words_only].float()
+        words_only, table = word_table(target)
 
         with torch.no_grad(), adapters_off(unet) if target.has_reference else nullcontext():
             latents = render_latents(components, prompt, generator, self.render_steps, self.guidance_scale)
@@ -129,7 +93,4 @@ class UnlearnDiffAtk(Attack):
 
             return words_only[weights.detach().argmax(dim=-1)], step
 
-        tokens, history = search_tokens(
-            self.restarts, self.iterations, begin, lambda tokens: objective(layout.encode_tokens(text_encoder, tokens))
-        )
-        return outcome(components, layout, tokens, history, objective)
+        return self.search(target, layout, begin, objective)
