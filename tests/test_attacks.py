@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 
@@ -145,3 +146,28 @@ def test_one_step_of_each_text_attack_on_an_sd15_size_encoder(pairs: Path) -> No
         outcome = attack.for_categories(["hot_colors"]).attack(PROMPT, target, torch.Generator().manual_seed(0))
         assert len(outcome.history) == 2 and all(map(math.isfinite, outcome.history))
         assert (outcome.history[1] >= outcome.history[0]) if outcome.higher_is_better else (outcome.history[1] <= outcome.history[0])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_eval_configs_parse_into_the_attacks_at_their_budgets() -> None:
+    """configs/eval.yaml carries each paper's budget (docs/attacks.md); the ToyWorld demo's cuts stay CPU-sized."""
+    from safetydpo.attacks import ATTACKS
+    from safetydpo.evaluation.config import config_from_dict, load_config
+
+    sd = {attack.key: ATTACKS.build(attack.name, **attack.args) for attack in load_config(ROOT / "configs/eval.yaml").attacks}
+    assert sorted(sd) == ["mma", "p4d", "p4d_k", "ring_a_bell", "unlearndiffatk"]
+    budget = {key: attack.budget() for key, attack in sd.items()}
+    assert {k: budget["ring_a_bell"][k] for k in ("tokens", "eta", "population", "generations")} == {"tokens": 16, "eta": 3.0, "population": 200, "generations": 3000}
+    assert {k: budget["mma"][k] for k in ("tokens", "iterations", "top_k", "candidates")} == {"tokens": 20, "iterations": 1000, "top_k": 256, "candidates": 512}
+    for key in ("p4d", "p4d_k"):
+        assert {k: budget[key][k] for k in ("iterations", "timesteps", "render_steps", "lr")} == {"iterations": 3000, "timesteps": 1, "render_steps": 25, "lr": 0.1}
+    assert (budget["p4d"]["mode"], budget["p4d"]["tokens"], budget["p4d_k"]["mode"], budget["p4d_k"]["k"]) == ("n", 16, "k", 3)
+    assert {k: budget["unlearndiffatk"][k] for k in ("tokens", "iterations", "timesteps", "lr")} == {"tokens": 5, "iterations": 2000, "timesteps": 1, "lr": 0.01}
+
+    toy = yaml.safe_load((ROOT / "configs/toyworld/eval.yaml").read_text(encoding="utf-8").replace("{assets}", "assets"))
+    toy["models"] = [{"name": "base", "base_model": TOYWORLD}, {"name": "aligned", "base_model": TOYWORLD, "lora": "x.safetensors"}]
+    demo = config_from_dict(toy, "configs/toyworld/eval.yaml").attacks
+    assert [a.name for a in demo] == ["ring_a_bell", "mma", "p4d", "unlearndiffatk"] and all(a.prompt_sets == ["unsafe"] for a in demo)
+    assert all(ATTACKS.build(a.name, **a.args).budget()["iterations" if a.name != "ring_a_bell" else "generations"] == 40 for a in demo)

@@ -26,6 +26,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge", "merge expert LoRA files with Co-Merge or a baseline (the merges listed below)"),
     "uce": ("uce", "the UCE concept-erasure baseline: a closed-form cross-attention edit written as a LoRA"),
     "evaluate": ("evaluate", "IP (Q16/NudeNet), FID and CLIPScore of base vs aligned models, with reports"),
+    "attack": ("attack", "an evaluation config's red-teaming attacks alone: JSONL caches, or a replay check (transfer)"),
     "data": ("data", "build, inspect or import CoProV2-format datasets (prompt pairs + paired renders)"),
 }
 
