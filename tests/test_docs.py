@@ -104,6 +104,22 @@ def test_main_help_lists_registered_names() -> None:
         assert f"{kind}: {', '.join(names)}" in text
 
 
+def test_help_lists_every_registry_in_the_package() -> None:
+    """A module-level ``NAME: Registry[...] = Registry(...)`` anywhere in safetydpo/ is one ``safetydpo --help`` shows."""
+    import importlib
+
+    from safetydpo.cli.main import registries
+
+    shown = [id(registry) for registry in registries().values()]
+    found = []
+    for path in sorted((REPO / "safetydpo").rglob("*.py")):
+        for name in re.findall(r"^([A-Z_]+): Registry\[.*\] = Registry\(", path.read_text(encoding="utf-8"), re.M):
+            module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            found.append(name)
+            assert id(getattr(importlib.import_module(module), name)) in shown, f"{module}.{name} is missing from safetydpo.cli.main.registries"
+    assert len(found) == len(shown) >= 11, found
+
+
 def test_shipped_configs_are_valid_yaml_with_comments_naming_their_command() -> None:
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         text = path.read_text(encoding="utf-8")

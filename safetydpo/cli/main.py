@@ -8,13 +8,14 @@ import sys
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentError
 
 import safetydpo
 from safetydpo.lightning_cli import SafetyDPOCLI, own_argv
 from safetydpo.quiet import VERBOSE_ENV, hide_library_bars, verbose
-from safetydpo.registry import restrict_config_imports
+from safetydpo.registry import Registry, restrict_config_imports
 
 #: The project's own subcommands (module in safetydpo.cli with a ``run(argv)``, summary); everything
 #: else goes to LightningCLI (fit/validate/test/predict). Modules load on use, keeping start-up light.
@@ -71,8 +72,8 @@ def lightning_main(argv: list[str] | None = None, prog: str = "lightning") -> No
         fail(prog, err)
 
 
-def registered_names() -> dict[str, list[str]]:
-    """Every registry's names (plugins included), generated so that no list of names is kept by hand."""
+def registries() -> dict[str, Registry[Any]]:
+    """Every registry, by the label ``--help`` shows (tests/test_docs.py fails when a ``Registry`` in the package is missing)."""
     from safetydpo.attacks import ATTACKS
     from safetydpo.baselines import BASELINES
     from safetydpo.data.builder.generators import GENERATORS
@@ -81,15 +82,20 @@ def registered_names() -> dict[str, list[str]]:
     from safetydpo.evaluation.prompts import PROMPT_SOURCES
     from safetydpo.losses import LOSSES
     from safetydpo.merging import MERGES
+    from safetydpo.models.denoisers import DENOISERS
     from safetydpo.pipeline.extensions import ASSETS, REPORT_SECTIONS
 
-    registries = {
+    return {
         "losses": LOSSES, "merges": MERGES, "classifiers": CLASSIFIERS, "prompt sources": PROMPT_SOURCES,
         "pair generators": GENERATORS, "FID feature extractors": FEATURE_EXTRACTORS,
         "evaluation assets": ASSETS, "report sections": REPORT_SECTIONS, "baselines": BASELINES,
-        "attacks": ATTACKS,
+        "attacks": ATTACKS, "model families": DENOISERS,
     }
-    return {kind: registry.names() for kind, registry in registries.items()}
+
+
+def registered_names() -> dict[str, list[str]]:
+    """Every registry's names (plugins included), read from the registries themselves."""
+    return {kind: registry.names() for kind, registry in registries().items()}
 
 
 def help_text() -> str:
