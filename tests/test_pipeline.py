@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from fixtures_train import REPO, run, run_main
 
@@ -72,6 +73,12 @@ def test_sd15_pipeline_dry_run_on_an_sd15_folder(tmp_path: Path) -> None:
         (["--experts.overrides", '{"model": {"init_args": {"learning_rat": 1}}}'],
          "experts.config configs/expert.yaml (hate): model.init_args: Option 'learning_rat' is not accepted; valid keys: base_model, loss,"),
         (["--experts.categories", "[]"], "experts.categories is empty"),
+        (["--experts.parallel", "0"], "experts.parallel must be >= 1 (1 trains the experts one after another), got 0"),
+        (["--data.overrides", '{"distributed": {"devices": 2}}'],
+         "data.build: distributed asks for 2 ranks, but `safetydpo run` runs every stage in one process; remove distributed there, "
+         "or build under torchrun or srun with `safetydpo data build --config"),
+        (["--evaluate.overrides", '{"distributed": {"num_nodes": 2, "devices": 4}}'],
+         "evaluate.config: distributed asks for 8 ranks, but `safetydpo run` runs every stage in one process"),
         (["--merge.method", "mystery"], "merge.method: unknown merge method 'mystery'; valid choices: cat, comerge,"),
         (["--only", "merge"], "stage merge needs "),
         (["--report.ip_set", "coco30k"], "report.ip_set: 'coco30k' is not a prompt set with metric ip; valid choices: i2p, coprov2_test"),
@@ -184,3 +191,37 @@ def test_sd15_pipeline_runs_end_to_end_on_the_tiny_pipeline_and_resumes(
     code, changed, stderr = run_main(["run", *args, "--evaluate.images_per_prompt", "1"], capsys)
     assert code == 0, stderr[-3000:]
     assert changed.count("up to date, skipped") == 9 and "[pipeline] evaluate: done in" in changed
+
+
+@pytest.mark.slow
+def test_parallel_experts_train_in_processes_of_their_own_as_in_this_one(
+    tiny_pipeline_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    two = ["--experts.categories", '["hate", "violence"]', "--evaluate.config", "null"]
+    for root in ("one", "two"):
+        (tmp_path / root).mkdir()
+    monkeypatch.chdir(REPO)
+    code, _, stderr = run_main(["run", *tiny_run_args(tiny_pipeline_dir, tmp_path / "one"), *two], capsys)
+    assert code == 0, stderr[-3000:]
+    args = [*tiny_run_args(tiny_pipeline_dir, tmp_path / "two"), *two, "--experts.parallel", "2"]
+    out = tmp_path / "two" / "out"
+
+    broken = safetydpo("run", *args, "--experts.per_category", json.dumps({"violence": {"model": {"init_args": {"lora": {"rank": -2}}}}}))
+    assert broken.returncode == 2, broken.stderr[-3000:]
+    last = broken.stderr.strip().splitlines()[-1]
+    assert last.startswith("safetydpo run: error: experts/violence failed (earlier steps' outputs are kept; rerun to resume): "), last
+    assert "lora.rank must be >= 1 (4 to 64 are usual), got -2" in last
+    # The expert beside it finished in its own process, its output lines named, and keeps its record.
+    assert "[experts/hate] `Trainer.fit` stopped: `max_steps=2` reached." in broken.stdout, broken.stdout[-2000:]
+    assert "[pipeline] experts/hate: done in" in broken.stdout
+    assert (out / "experts" / "hate.stage.json").is_file() and not (out / "experts" / "violence.safetensors").exists()
+
+    resumed = safetydpo("run", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[pipeline] experts/hate: up to date, skipped" in resumed.stdout and "[pipeline] experts/violence: done in" in resumed.stdout
+    # The same experts and merge as one process trains (other thread counts: float rounding only).
+    for name in ("experts/hate", "experts/violence", "merged"):
+        ours, theirs = (load_file(root / "out" / f"{name}.safetensors") for root in (tmp_path / "two", tmp_path / "one"))
+        assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-4) for k in ours), name

@@ -61,6 +61,11 @@ class ExpertsStage:
     """Nested fit-config keys for every expert, stacked last: ``{trainer: {max_steps: 400}}``."""
     per_category: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Nested fit-config keys for one category's expert only: ``{sexual: {trainer: {max_steps: 4000}}}``."""
+    parallel: int = 1
+    """Experts trained at once, each in a ``safetydpo fit`` process of its own with an equal share of this process's
+    CPU threads (``OMP_NUM_THREADS``); 1 = one after another in this process. For CPU training: small models gain
+    more from processes than from threads (2 on 2 cores, docs/performance.md); on GPUs every process shares the
+    same devices, so keep 1 unless the experts fit on one device together."""
 
 
 @dataclass

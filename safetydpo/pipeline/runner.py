@@ -6,8 +6,10 @@ the first unfinished step; a failing step leaves every earlier step's outputs an
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from safetydpo.data.builder.lock import output_lock
@@ -40,6 +42,58 @@ def _check_needs(steps: list[Step], chosen: list[Step]) -> None:
                 maker = makers.get(path)
                 by = f" (made by stage {maker.stage})" if maker else ""
                 raise PipelineError(f"stage {step.stage} needs {path}{by}, which does not exist yet; run that stage first")
+
+
+def _run_steps(todo: list[Step], echo: Callable[[str], None]) -> None:
+    """Run a stage's steps that are not up to date, up to ``workers`` at once, recording each as it finishes.
+
+    After a failure no further step starts; the running ones finish and keep their records, then the
+    first failure is raised, so a rerun resumes with only the failed and unstarted steps.
+    """
+    pending = []
+    for step in todo:
+        if is_current(step.output, step.hash, step.outputs):
+            echo(f"[pipeline] {step.name}: up to date, skipped")
+        else:
+            pending.append(step)
+    workers = min((step.workers for step in pending), default=1)
+    if workers == 1:  # in this thread: Lightning installs signal handlers, which only the main thread may
+        for step in pending:
+            _finish(step, _timed(step), echo)
+        return
+    failure: PipelineError | None = None
+    queue = iter(pending)
+    with ThreadPoolExecutor(workers) as pool:
+        running = {pool.submit(_timed, step): step for step in itertools.islice(queue, workers)}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                step = running.pop(future)
+                try:
+                    _finish(step, future.result(), echo)
+                except PipelineError as err:
+                    failure = failure or err
+                    continue
+                if failure is None:
+                    for following in itertools.islice(queue, 1):
+                        running[pool.submit(_timed, following)] = following
+    if failure is not None:
+        raise failure
+
+
+def _timed(step: Step) -> float:
+    """Run the step's action; its seconds, or its error named by step."""
+    start = time.perf_counter()
+    try:
+        step.action()
+    except (ValueError, OSError, FloatingPointError) as err:  # the project's errors are ValueErrors
+        raise PipelineError(f"{step.name} failed (earlier steps' outputs are kept; rerun to resume): {err}") from err
+    return time.perf_counter() - start
+
+
+def _finish(step: Step, seconds: float, echo: Callable[[str], None]) -> None:
+    write_record(step.output, step.name, step.hash, step.fingerprint, seconds)
+    echo(f"[pipeline] {step.name}: done in {elapsed(seconds)}")
 
 
 def run_pipeline(
@@ -77,17 +131,6 @@ def run_pipeline(
                 continue
             echo(f"[pipeline] stage {stage}: start ({len(todo)} step{'s' if len(todo) > 1 else ''})")
             stage_start = time.perf_counter()
-            for step in todo:
-                if is_current(step.output, step.hash, step.outputs):
-                    echo(f"[pipeline] {step.name}: up to date, skipped")
-                    continue
-                step_start = time.perf_counter()
-                try:
-                    step.action()
-                except (ValueError, OSError, FloatingPointError) as err:  # the project's errors are ValueErrors
-                    raise PipelineError(f"{step.name} failed (earlier steps' outputs are kept; rerun to resume): {err}") from err
-                seconds = time.perf_counter() - step_start
-                write_record(step.output, step.name, step.hash, step.fingerprint, seconds)
-                echo(f"[pipeline] {step.name}: done in {elapsed(seconds)}")
+            _run_steps(todo, echo)
             echo(f"[pipeline] stage {stage}: finished in {elapsed(time.perf_counter() - stage_start)}")
     return steps

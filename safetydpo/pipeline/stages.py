@@ -15,6 +15,7 @@ import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from safetydpo.data.builder.config import build_config_from_dict
 from safetydpo.data.builder.importer import import_table
 from safetydpo.data.coprov2 import DatasetError, find_metadata
 from safetydpo.devices import resolve_device
+from safetydpo.distributed import DistributedConfig
 from safetydpo.evaluation.config import EvalConfig, config_from_dict
 from safetydpo.evaluation.errors import EvaluationError
 from safetydpo.evaluation.runner import evaluate
@@ -36,6 +38,7 @@ from safetydpo.lightning_cli import parse_fit_config, run_fit
 from safetydpo.merging import MERGES
 from safetydpo.merging.files import merge_expert_files
 from safetydpo.models.inputs import base_model_inputs
+from safetydpo.pipeline.children import run_child
 from safetydpo.pipeline.config import PipelineConfig
 from safetydpo.pipeline.extensions import ASSETS, REPORT_SECTIONS
 from safetydpo.pipeline.records import digest, file_digest, model_fingerprint
@@ -63,6 +66,8 @@ class Step:
     """Files earlier steps write that this one reads (checked when earlier stages are not run)."""
     resolved: tuple[Path, str] | None = None
     """The step's resolved config file and its YAML text, which ``command`` runs; written when a run starts."""
+    workers: int = 1
+    """How many of its stage's steps may run at once (their actions then run in threads, each starting a process)."""
 
     @property
     def hash(self) -> str:
@@ -208,6 +213,8 @@ class Planner:
         except BuildError as err:
             raise PipelineError(str(err)) from None
         resolved = self.root / "configs" / "data.yaml"
+        _refuse_ranks(config.distributed, "data.build", "build under torchrun or srun with `safetydpo data build --config "
+                      f"{spec.build}` and give the pipeline its output as data.path")
         fingerprint = {"build": config.fingerprint(), "base_model": self.base, "imported": imported.hash if imported else None}
         if config.taxonomy:
             fingerprint["taxonomy"] = file_digest(Path(config.taxonomy)) if Path(config.taxonomy).is_file() else config.taxonomy
@@ -222,6 +229,8 @@ class Planner:
             raise PipelineError("experts.config is empty: list the fit config files every expert stacks (e.g. configs/expert.yaml)")
         if not spec.categories:
             raise PipelineError("experts.categories is empty: name the categories to train one expert each for")
+        if spec.parallel < 1:
+            raise PipelineError(f"experts.parallel must be >= 1 (1 trains the experts one after another), got {spec.parallel}")
         unknown = sorted(set(spec.per_category) - set(spec.categories))
         if unknown:
             raise PipelineError(f"experts.per_category: '{unknown[0]}' is not one of experts.categories: {', '.join(spec.categories)}")
@@ -249,8 +258,13 @@ class Planner:
         command = f"safetydpo fit --config {resolved}"
         fingerprint = {"fit_config": resolved_text, "data": data_hash, "base_model": self.base}
         needs = [p for step in data_steps[-1:] for p in step.outputs]
+        if spec.parallel == 1:
+            action = partial(run_fit, ["--config", str(resolved)])
+        else:
+            threads = max(1, torch.get_num_threads() // spec.parallel)
+            action = partial(run_child, ["fit", "--config", str(resolved)], f"experts/{category}", threads)
         return Step("experts", f"experts/{category}", command, out, [out, out.with_suffix(".json")], fingerprint,
-                    lambda: run_fit(["--config", str(resolved)]), needs, (resolved, resolved_text))
+                    action, needs, (resolved, resolved_text), workers=spec.parallel)
 
     # ------------------------------------------------------------------ merge
     def merge(self, experts: list[Step], data_dir: Path, data_hash: str) -> Step:
@@ -307,6 +321,8 @@ class Planner:
         except EvaluationError as err:
             raise PipelineError(str(err)) from None
         resolved = self.root / "configs" / "eval.yaml"
+        _refuse_ranks(config.distributed, "evaluate.config", "evaluate under torchrun or srun with `safetydpo evaluate --config "
+                      f"{spec.config}` (models: the base, and the base with {merged.output})")
 
         def action() -> None:
             for writer in writers:
@@ -339,6 +355,15 @@ class Planner:
         fingerprint = {"evaluation": evaluation.hash, "ip_set": ip_set, "sections": [{"name": s.registry_name, **vars(s)} for s in sections]}
         return Step("report", "report", "(written by the pipeline from eval/results.json)", out, [out, self.root / "report.json"],
                     fingerprint, action, evaluation.outputs[:1])
+
+
+def _refuse_ranks(distributed: DistributedConfig, key: str, instead: str) -> None:
+    """Several ranks cannot start inside ``safetydpo run``: Fabric would start the whole pipeline once per rank."""
+    if distributed.world_size > 1:
+        raise PipelineError(
+            f"{key}: distributed asks for {distributed.world_size} ranks, but `safetydpo run` runs every stage in one process; "
+            f"remove distributed there, or {instead}"
+        )
 
 
 def _method_parts(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
