@@ -58,15 +58,42 @@ def saved_pipeline(tmp_path_factory: pytest.TempPathFactory, family: str) -> Pat
     return save_tiny_pipeline(tmp_path_factory.mktemp(family) / "pipeline", seed=0, family=family)
 
 
-def check_reference_at_init_then_loss_falls(module: DPOExpertModule, batch: PairBatch, steps: int = 20) -> None:
+# The fixtures below are built once per test module (each module defines ``pipeline_dir``, its family's folder)
+# and shared by its tests; none of those tests changes them.
+
+
+@pytest.fixture(scope="module")
+def trained(pipeline_dir: Path, synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[DPOExpertModule, Path]:
+    """The family's one trained expert and its exported LoRA, from the exact-resume check."""
+    return check_exact_resume(pipeline_dir, synthetic_data_dir, tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="module")
+def loaded_pipeline(pipeline_dir: Path) -> DiffusionPipeline:
+    """The family's diffusers pipeline, loaded by ``DiffusionPipeline.from_pretrained`` as users load it."""
+    return DiffusionPipeline.from_pretrained(pipeline_dir, **unstored_components(pipeline_index(str(pipeline_dir))))
+
+
+@pytest.fixture(scope="module")
+def dataset(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("build"), pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def sd_expert() -> DPOExpertModule:
+    """An SD 1.x expert, the other family that merges and features must refuse."""
+    return DPOExpertModule.from_components(components_from_pipeline(build_tiny_pipeline(0)), lora=LoraSettings(rank=4))
+
+
+def check_reference_at_init_then_loss_falls(module: DPOExpertModule, batch: PairBatch, steps: int = 4) -> None:
     """The zero-initialised LoRA starts exactly at the reference (loss log 2); training on one batch lowers the loss."""
-    output, errors = module.preference_step(batch, step=0)
-    assert torch.equal(errors.policy_winner, errors.reference_winner) and torch.equal(errors.policy_loser, errors.reference_loser)
-    assert output.loss.item() == pytest.approx(math.log(2), rel=1e-5)
     optimizer = module.configure_optimizers()["optimizer"]
     losses = []
-    for _ in range(steps):
-        output, _ = module.preference_step(batch, step=0)
+    for step in range(steps):
+        output, errors = module.preference_step(batch, step=0)
+        if step == 0:
+            assert torch.equal(errors.policy_winner, errors.reference_winner) and torch.equal(errors.policy_loser, errors.reference_loser)
+            assert output.loss.item() == pytest.approx(math.log(2), rel=1e-5)
         optimizer.zero_grad()
         output.loss.backward()
         optimizer.step()
@@ -113,15 +140,15 @@ def network_inputs(module: DPOExpertModule, batch: PairBatch) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def check_exported_lora_reproduces(module: DPOExpertModule, lora: Path, pipeline_dir: Path, batch: PairBatch, pipeline_class: type) -> None:
+def check_exported_lora_reproduces(module: DPOExpertModule, lora: Path, pipe: DiffusionPipeline, batch: PairBatch, pipeline_class: type) -> None:
     """The exported file, loaded by the family's own pipeline ``load_lora_weights``, gives the trained network's output."""
     assert load_lora(lora).card["model_family"] == module.denoiser.registry_name
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, **unstored_components(pipeline_index(str(pipeline_dir))))
     assert type(pipe) is pipeline_class
     pipe.load_lora_weights(str(lora))
     noisy, timesteps, conditioning = network_inputs(module, batch)
     trained = module.denoiser.predict(module.components, module.unet, noisy, timesteps, conditioning)
     loaded = module.denoiser.predict(module.components, getattr(pipe, module.denoiser.network_name), noisy, timesteps, conditioning)
+    pipe.unload_lora_weights()
     module.unet.disable_adapters()
     base = module.denoiser.predict(module.components, module.unet, noisy, timesteps, conditioning)
     module.unet.enable_adapters()
@@ -129,16 +156,14 @@ def check_exported_lora_reproduces(module: DPOExpertModule, lora: Path, pipeline
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
 
 
-def check_comerge(module: DPOExpertModule, lora: Path, batch: PairBatch, root: Path, pipeline_dir: Path) -> None:
+def check_comerge(module: DPOExpertModule, lora: Path, batch: PairBatch, root: Path, pipe: DiffusionPipeline, sd_expert: DPOExpertModule) -> None:
     """Co-Merge of two experts of this family, scored on the family's network inputs, loads into its pipeline;
     an SD 1.5 expert in the same merge is a one-line error naming both files."""
     generator = torch.Generator().manual_seed(1)
-    for name, parameter in sorted(module.unet.named_parameters()):
-        if "lora_B" in name:
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
-    card = {"base_model": str(pipeline_dir), "category": "sexual", "model_family": module.denoiser.registry_name}
-    other = save_lora(root / "other.safetensors", module.lora_weights(), module.unet.peft_config["default"], card,
-                      network=module.denoiser.network_name)
+    weights = {key: torch.randn(value.shape, generator=generator) * 0.05 if "lora_B" in key else value
+               for key, value in sorted(module.lora_weights().items())}
+    card = {"base_model": module.hparams.base_model, "category": "sexual", "model_family": module.denoiser.registry_name}
+    other = save_lora(root / "other.safetensors", weights, module.unet.peft_config["default"], card, network=module.denoiser.network_name)
     module.unet.disable_adapters()
     try:
         merged = merge_expert_files(
@@ -149,14 +174,11 @@ def check_comerge(module: DPOExpertModule, lora: Path, batch: PairBatch, root: P
         module.unet.enable_adapters()
     assert merged["activation_inputs"] == 2 * len(batch) and merged["model_family"] == module.denoiser.registry_name
     assert sum(merged["contribution_share"].values()) == pytest.approx(1.0)
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, **unstored_components(pipeline_index(str(pipeline_dir))))
     pipe.load_lora_weights(str(root / "merged.safetensors"))
-    sd = build_tiny_pipeline(0)
-    sd_module = DPOExpertModule.from_components(components_from_pipeline(sd), lora=LoraSettings(rank=4))
-    sd_expert = save_lora(root / "sd15.safetensors", sd_module.lora_weights(), sd_module.unet.peft_config["default"],
-                          {"model_family": "sd"})
-    with pytest.raises(ExpertMismatchError, match=rf"{sd_expert} is an expert of another model family than {lora}: sd \(unet LoRA\)"):
-        merge_expert_files([lora, sd_expert], root / "mixed.safetensors", method="linear")
+    pipe.unload_lora_weights()
+    sd_file = save_lora(root / "sd15.safetensors", sd_expert.lora_weights(), sd_expert.unet.peft_config["default"], {"model_family": "sd"})
+    with pytest.raises(ExpertMismatchError, match=rf"{sd_file} is an expert of another model family than {lora}: sd \(unet LoRA\)"):
+        merge_expert_files([lora, sd_file], root / "mixed.safetensors", method="linear")
 
 
 def build_dataset(root: Path, pipeline_dir: Path) -> Path:
@@ -176,7 +198,7 @@ def build_dataset(root: Path, pipeline_dir: Path) -> Path:
     return root / "data"
 
 
-def check_features(module: DPOExpertModule, dataset: Path) -> None:
+def check_features(module: DPOExpertModule, dataset: Path, sd_expert: DPOExpertModule) -> None:
     """The shards hold the family's conditioning (pooled embeddings included); training reads them; an SD 1.5
     model refuses them naming the row."""
     batch = first_batch(dataset, use_precomputed=True)
@@ -186,7 +208,7 @@ def check_features(module: DPOExpertModule, dataset: Path) -> None:
     torch.testing.assert_close(batch.pooled_prompt_embeds, expected.pooled)
     output, _ = module.preference_step(batch, step=0)
     assert math.isfinite(output.loss.item())
-    sd = components_from_pipeline(build_tiny_pipeline(0))
+    sd = sd_expert.components
     with pytest.raises(DatasetError, match=r"dataset row \d+: its features have .* the base model takes .*another model than this sd one: rebuild them"):
         pair_inputs(sd, batch, 0, 0)
 
@@ -207,6 +229,19 @@ def check_evaluation(pipeline_dir: Path, lora: Path, dataset: Path, root: Path) 
     for model in ("base", "aligned"):
         assert len(list((root / "eval" / "images" / model / "unsafe").glob("*.png"))) == 2
         assert 0.0 <= results[model]["unsafe"]["ip"]["overall"]["value"] <= 1.0
+
+
+def check_encoding_pipeline_is_reused(module: DPOExpertModule, prompts: list[str]) -> None:
+    """Two encodes go through one pipeline built around the components' own modules (no second copy of a weight)."""
+    first = module.denoiser.encode(module.components, prompts)
+    pipe = _encoding_pipeline(module)
+    second = module.denoiser.encode(module.components, prompts)
+    assert _encoding_pipeline(module) is pipe and torch.equal(first.embeds, second.embeds)
+    assert all(getattr(pipe, name) is part for name, part in module.components.modules().items())
+
+
+def _encoding_pipeline(module: DPOExpertModule) -> DiffusionPipeline:
+    return module.denoiser.prompt_pipeline(module.components)
 
 
 def check_unsupported_family(root: Path) -> None:

@@ -139,7 +139,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION, w
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
-        tokenizer_2=build_clip_tokenizer(),
+        tokenizer_2=tokenizer,  # SDXL's two tokenizers are both CLIP's BPE; building one is the slow part of a build
         unet=unet,
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
     )
@@ -168,7 +168,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION, wi
         text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer, width, projection_dim=width)),
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer, width, projection_dim=width)),
-        tokenizer_2=build_clip_tokenizer(),
+        tokenizer_2=tokenizer,  # as SDXL's: both CLIP's BPE
         text_encoder_3=None,
         tokenizer_3=None,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -91,6 +92,9 @@ class Denoiser(ABC):
     #: The text encoders' component names, each with its tokenizer (``text_encoder_2`` -> ``tokenizer_2``).
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
+    #: The family's diffusers pipeline, for families that encode prompts with its ``encode_prompt`` (``prompt_pipeline``).
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+
     #: The scheduler training noises with, built from the checkpoint's scheduler config.
     training_scheduler: ClassVar[type[SchedulerMixin]] = DDPMScheduler
 
@@ -132,6 +136,19 @@ class Denoiser(ABC):
     def encode(self, components: DiffusionComponents, prompts: list[str]) -> Conditioning:
         """Prompt conditioning exactly as the family's diffusers pipeline computes it."""
 
+    def prompt_pipeline(self, components: DiffusionComponents) -> DiffusionPipeline:
+        """A ``pipeline_class`` around ``components``' own modules (no weight is copied), built once per components
+        object, for families whose conditioning is that pipeline's ``encode_prompt``: building a pipeline inspects
+        every module, which costs more than encoding a batch. Rebuilt if a component was swapped since."""
+        parts = {name: getattr(components, "unet" if name == self.network_name else name) for name in self.component_names()}
+        key = id(components)
+        pipe = _PROMPT_PIPELINES.get(key)
+        if pipe is None or not all(getattr(pipe, name, None) is part for name, part in parts.items()):
+            if key not in _PROMPT_PIPELINES:  # dropped with the components, before their id can be reused
+                weakref.finalize(components, _PROMPT_PIPELINES.pop, key, None)
+            pipe = _PROMPT_PIPELINES[key] = self.pipeline_class(**parts, scheduler=components.noise_scheduler)
+        return pipe
+
     @abstractmethod
     def sample_timestep(self, components: DiffusionComponents, generator: torch.Generator) -> Tensor:
         """One training timestep, shape ``(1,)``, drawn from ``generator`` alone."""
@@ -171,6 +188,9 @@ class Denoiser(ABC):
 
 
 DENOISERS: Registry[Denoiser] = Registry("model family")
+
+#: ``Denoiser.prompt_pipeline``'s pipelines, by ``id`` of their components (which are unhashable dataclasses).
+_PROMPT_PIPELINES: dict[int, DiffusionPipeline] = {}
 
 
 def pipeline_index(name_or_path: str, revision: str | None = None) -> dict[str, Any]:

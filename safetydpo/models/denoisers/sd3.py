@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SchedulerMixin, StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import Tensor
 
@@ -31,6 +31,7 @@ class StableDiffusion3(Denoiser):
     """Conditioning comes from ``StableDiffusion3Pipeline.encode_prompt`` (T5 tokens are zeros when the folder has none)."""
 
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusion3Pipeline
     network_name: ClassVar[str] = "transformer"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     training_scheduler: ClassVar[type[SchedulerMixin]] = FlowMatchEulerDiscreteScheduler
@@ -39,17 +40,7 @@ class StableDiffusion3(Denoiser):
     logit_std: ClassVar[float] = 1.0
 
     def encode(self, components: DiffusionComponents, prompts: list[str]) -> Conditioning:
-        encoder = StableDiffusion3Pipeline(
-            transformer=components.unet,
-            scheduler=components.noise_scheduler,
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer_2=components.tokenizer_2,
-            text_encoder_3=components.text_encoder_3,
-            tokenizer_3=components.tokenizer_3,
-        )
+        encoder = self.prompt_pipeline(components)
         embeds, _, pooled, _ = encoder.encode_prompt(
             prompts, None, None, device=components.text_encoder.device, do_classifier_free_guidance=False
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from torch import Tensor
 
 from safetydpo.models.components import DiffusionComponents
@@ -25,18 +25,11 @@ class StableDiffusionXL(DDPMFamily):
     """
 
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionXLPipeline
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
 
     def encode(self, components: DiffusionComponents, prompts: list[str]) -> Conditioning:
-        encoder = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=components.unet,
-            scheduler=components.noise_scheduler,
-        )
+        encoder = self.prompt_pipeline(components)
         embeds, _, pooled, _ = encoder.encode_prompt(prompts, device=components.text_encoder.device, do_classifier_free_guidance=False)
         return Conditioning(embeds, pooled)
 
