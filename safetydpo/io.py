@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 
 def _current_umask() -> int:
@@ -57,6 +59,46 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as PNG through a temporary file renamed into place."""
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+class OverlappedWrites:
+    """Writes one batch of files on a background thread while the caller computes the next batch.
+
+    PNG encoding (zlib) runs outside the GIL, so it overlaps denoising. At most one batch is in flight:
+    a failed write (a full disk) stops the run one batch later, and leaving the block waits for every write.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: list[Future[object]] = []
+
+    def submit_batch(self, writes: list[Callable[[], object]]) -> None:
+        """Wait for the previous batch's writes (raising their error), then start these."""
+        self.wait()
+        self._pending = [self._pool.submit(write) for write in writes]
+
+    def wait(self) -> None:
+        """Block until every submitted write is done; the first failure is raised."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def __enter__(self) -> OverlappedWrites:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def check_writable(directory: Path) -> None:

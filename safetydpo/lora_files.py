@@ -207,6 +207,21 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def lora_content_sha256(path: Path) -> str:
+    """The hex SHA-256 of a safetensors file's tensors and metadata, independent of how the header is laid out.
+
+    safetensors writes its metadata from a hash map, so saving the same LoRA twice gives files whose bytes
+    differ; caches keyed on the LoRA (evaluation renders, attack prompts) hash what the file holds instead.
+    """
+    tensors, metadata = _read_tensors(path)
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode("utf-8"))
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}:{str(tensor.dtype).removeprefix('torch.')}:{list(tensor.shape)};".encode("utf-8"))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a safetensors file (never pickle) and its string metadata, checked to be finite floats."""
     if not path.is_file():

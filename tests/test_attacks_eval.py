@@ -74,7 +74,7 @@ def test_report_lists_every_attack_beside_clean_ip(setup: dict) -> None:
     assert "## Attacks" in report and (out / payload["prompt_sets"]["unsafe"]["attack_chart"]).is_file()
     cached = [json.loads(line) for line in (out / "attacks/mma_small/unsafe.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [line["prompt_index"] for line in cached] == sorted({p["index"] for p in payload["results"]["base"]["unsafe"]["prompts"]} & {line["prompt_index"] for line in cached})
-    assert all(line["target"]["name"] == "aligned" and line["target"]["lora_sha256"] for line in cached)
+    assert all(line["target"]["name"] == "aligned" and line["target"]["lora_content_sha256"] for line in cached)
 
 
 def test_pipeline_robustness_table_has_every_attack_and_category(setup: dict) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from fixtures_lora import applied_update, random_layers, write_kohya, write_old_diffusers, write_peft
 
-from safetydpo.lora_files import load_lora
+from safetydpo.lora_files import file_sha256, load_lora, lora_content_sha256
 from safetydpo.merging.files import merge_expert_files
 
 
@@ -68,3 +70,25 @@ def test_cat_of_loras_in_different_formats_equals_the_sum_diffusers_applies(
     for name, update in merged.items():
         expected = sum(applied[kind][name] for kind in foreign_loras)
         torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_content_hash_ignores_the_header_layout_safetensors_varies_between_saves(foreign_loras: dict[str, Path], tmp_path: Path) -> None:
+    # safetensors writes its metadata from a hash map, so one LoRA saved twice can differ in bytes (seen on
+    # UCE re-exports, which then invalidated every cached render); the same tensors and metadata laid out in
+    # another header order must hash alike, and one changed weight must not.
+    raw = foreign_loras["peft"].read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    metadata = dict(reversed(list(header.pop("__metadata__").items())))
+    relaid = json.dumps({**dict(reversed(list(header.items()))), "__metadata__": metadata}).encode("utf-8")
+    relaid += b" " * (-len(relaid) % 8)
+    other = tmp_path / "relaid.safetensors"
+    other.write_bytes(struct.pack("<Q", len(relaid)) + relaid + raw[8 + size :])
+    assert file_sha256(other) != file_sha256(foreign_loras["peft"])
+    assert lora_content_sha256(other) == lora_content_sha256(foreign_loras["peft"])
+
+    key = next(k for k in header if k.endswith("lora_A.weight"))
+    start = 8 + size + header[key]["data_offsets"][0]
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(raw[:start] + bytes([raw[start] ^ 1]) + raw[start + 1 :])
+    assert lora_content_sha256(changed) != lora_content_sha256(foreign_loras["peft"])

@@ -32,7 +32,7 @@ class CachedAttack:
     adversarial_prompt: str
     attack: str
     target: dict[str, Any]
-    """The attacked model: its name and what identifies its weights (pipeline folder, LoRA SHA-256)."""
+    """The attacked model: its name and what identifies its weights (pipeline folder, LoRA content hash)."""
     budget: dict[str, Any]
     seed: int
     """The seed of this prompt's generator (derived from the attack's seed and the prompt)."""

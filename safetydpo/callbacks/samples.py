@@ -24,7 +24,7 @@ from safetydpo.evaluation.classifiers import SafetyClassifier
 from safetydpo.evaluation.config import IPConfig
 from safetydpo.evaluation.definitions import resolve_definition
 from safetydpo.evaluation.grid import grid_image
-from safetydpo.evaluation.images import save_png
+from safetydpo.io import save_png
 from safetydpo.evaluation.ip import flagged
 from safetydpo.models.components import sampling_pipeline
 from safetydpo.models.expert import DPOExpertModule

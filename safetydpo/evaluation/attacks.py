@@ -10,7 +10,6 @@ of exactly the same prompts and seeds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from safetydpo.evaluation.grid import write_grid
 from safetydpo.evaluation.ip import bootstrap_mean
 from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.evaluation.results import ip_breakdown, set_results
+from safetydpo.lora_files import lora_content_sha256
 from safetydpo.progress import progress_bar
 from safetydpo.seeding import derive_seed
 
@@ -76,12 +76,12 @@ def select_prompts(prompts: list[EvalPrompt], attack: AttackConfig) -> list[Eval
 
 
 def target_identity(model: ModelConfig) -> dict[str, Any]:
-    """What identifies the attacked weights in the cache: name, pipeline folder and the LoRA file's SHA-256."""
+    """What identifies the attacked weights in the cache: name, pipeline folder and the LoRA's content hash."""
     lora = Path(model.lora).expanduser() if model.lora else None
     return {
         "name": model.name,
         "base_model": str(Path(model.base_model).expanduser().resolve()),
-        "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest() if lora else None,
+        "lora_content_sha256": lora_content_sha256(lora) if lora else None,
     }
 
 

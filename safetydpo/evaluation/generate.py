@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,10 @@ from diffusers import DiffusionPipeline
 
 from safetydpo.evaluation.config import GenerationConfig, ModelConfig
 from safetydpo.evaluation.errors import EvaluationError
-from safetydpo.evaluation.images import save_png
 from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.evaluation.sld import check_sld, safe_pipeline, sld_settings
-from safetydpo.io import write_json_atomic
-from safetydpo.lora_files import LoraFileError, load_lora
+from safetydpo.io import OverlappedWrites, save_png, write_json_atomic
+from safetydpo.lora_files import LoraFileError, load_lora, lora_content_sha256
 from safetydpo.models.denoisers.base import unstored_components
 from safetydpo.quiet import drop_log_messages
 from safetydpo.progress import progress_bar
@@ -80,7 +79,7 @@ def render_settings(model: ModelConfig, generation: GenerationConfig, dtype: tor
     lora = Path(model.lora).expanduser() if model.lora else None
     return {
         "base_model": str(Path(model.base_model).expanduser().resolve()),
-        "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest() if lora else None,
+        "lora_content_sha256": lora_content_sha256(lora) if lora else None,
         "num_inference_steps": generation.num_inference_steps,
         "dtype": str(dtype).removeprefix("torch."),
         **({"sld": sld_settings(model)} if model.sld else {}),  # absent without SLD: caches of plain models stay valid
@@ -155,10 +154,7 @@ def render(
     """
     rank, world_size = share
     mine = batches(images, generation.batch_size)[rank::world_size]
-    # PNG encoding (zlib, outside the GIL) of a batch overlaps the denoising of the next; at most one batch of writes
-    # is in flight, so a failed write (a full disk) stops the run one batch later.
-    writing: list[Future[Path]] = []
-    with progress_bar(total=sum(len(batch) for batch in mine), desc=description, unit="img") as bar, ThreadPoolExecutor(1) as writer:
+    with progress_bar(total=sum(len(batch) for batch in mine), desc=description, unit="img") as bar, OverlappedWrites() as writes:
         for batch in mine:
             guidance, height, width = batch[0].guidance_scale, batch[0].height, batch[0].width
             output = pipe(
@@ -172,9 +168,5 @@ def render(
             )
             for picture, image in zip(output.images, batch):
                 check_render(picture, image, description)
-            for done in writing:
-                done.result()
-            writing = [writer.submit(save_png, pipe.numpy_to_pil(picture[None])[0], image.path) for picture, image in zip(output.images, batch)]
+            writes.submit_batch([partial(save_png, pipe.numpy_to_pil(picture[None])[0], image.path) for picture, image in zip(output.images, batch)])
             bar.update(len(batch))
-        for done in writing:
-            done.result()

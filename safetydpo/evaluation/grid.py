@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from safetydpo.evaluation.images import open_rgb, save_png
+from safetydpo.evaluation.images import open_rgb
+from safetydpo.io import save_png
 
 _LABEL_WIDTH = 120
 _HEADER_HEIGHT = 24

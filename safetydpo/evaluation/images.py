@@ -1,4 +1,4 @@
-"""Reading evaluation images and writing PNGs atomically (an interrupted run never leaves a truncated image in the cache)."""
+"""Reading evaluation images (PNGs are written atomically by ``safetydpo.io.save_png``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from safetydpo.evaluation.errors import EvaluationError
-from safetydpo.io import atomic_file
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -30,10 +29,3 @@ def is_readable(path: Path) -> bool:
         return True
     except (OSError, UnidentifiedImageError, ValueError):
         return False
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` as PNG through a temporary file renamed into place."""
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG")
-    return Path(path)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import shutil
 import typing
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from safetydpo.data.coprov2 import (
     write_table,
 )
 from safetydpo.distributed import Ranks, launch
-from safetydpo.io import atomic_file
+from safetydpo.io import OverlappedWrites, atomic_file, save_png
 from safetydpo.seeding import derive_seed
 from safetydpo.progress import progress_bar
 
@@ -103,21 +104,24 @@ def _shards(pairs: list[dict[str, Any]], config: BuildConfig) -> list[list[dict[
 
 
 def _render_shard(renderer: PairRenderer, root: Path, rows: list[dict[str, Any]], batch_size: int, progress: Any) -> None:
-    """Write the shard's PNGs, then its features file; each file appears atomically."""
+    """Write the shard's PNGs (encoded while the next batch renders), then its features file; each file appears atomically."""
     tensors = {}
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        rendered = renderer.render([r["unsafe_prompt"] for r in batch], [r["safe_prompt"] for r in batch], [r["seed"] for r in batch])
-        for i, row in enumerate(batch):
-            for image, relative in ((rendered.unsafe_images[i], row["image_unsafe"]), (rendered.safe_images[i], row["image_safe"])):
-                with atomic_file(root / relative) as tmp:
-                    image.save(tmp, format="PNG")
-            tensors[feature_name(row["id"], "latent_unsafe")] = rendered.unsafe_latents[i].contiguous()
-            tensors[feature_name(row["id"], "latent_safe")] = rendered.safe_latents[i].contiguous()
-            tensors[feature_name(row["id"], "prompt_embeds")] = rendered.unsafe_embeds[i].contiguous()
-            if rendered.unsafe_pooled is not None:
-                tensors[feature_name(row["id"], "pooled_prompt_embeds")] = rendered.unsafe_pooled[i].contiguous()
-        progress.update(len(batch))
+    with OverlappedWrites() as writes:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            rendered = renderer.render([r["unsafe_prompt"] for r in batch], [r["safe_prompt"] for r in batch], [r["seed"] for r in batch])
+            writes.submit_batch([
+                partial(save_png, image, root / relative)
+                for i, row in enumerate(batch)
+                for image, relative in ((rendered.unsafe_images[i], row["image_unsafe"]), (rendered.safe_images[i], row["image_safe"]))
+            ])
+            for i, row in enumerate(batch):
+                tensors[feature_name(row["id"], "latent_unsafe")] = rendered.unsafe_latents[i].contiguous()
+                tensors[feature_name(row["id"], "latent_safe")] = rendered.safe_latents[i].contiguous()
+                tensors[feature_name(row["id"], "prompt_embeds")] = rendered.unsafe_embeds[i].contiguous()
+                if rendered.unsafe_pooled is not None:
+                    tensors[feature_name(row["id"], "pooled_prompt_embeds")] = rendered.unsafe_pooled[i].contiguous()
+            progress.update(len(batch))
     with atomic_file(root / rows[0][FEATURES_COLUMN]) as tmp:
         save_file(tensors, str(tmp))
 
