@@ -16,6 +16,7 @@ from safetydpo.data.concepts import ConceptBatch
 from safetydpo.models.components import encode_prompts
 from safetydpo.models.expert import DPOExpertModule
 from safetydpo.models.inputs import NOISE_STREAM, pair_generators
+from safetydpo.quiet import ignore_warnings
 
 #: ESD-u's LoRA targets: every attention and feed-forward layer except cross-attention (the paper's "noxattn").
 NON_CROSS_ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -50,6 +51,8 @@ class ESDModule(DPOExpertModule):
         if not math.isfinite(sample_guidance):
             raise BaselineError(f"esd_u: sample_guidance must be a finite number (ESD uses 3.0), got {sample_guidance}")
         super().__init__(base_model, **kwargs)
+        # Concept prompts come without held-out preference pairs, so the inherited validation step never has a loader.
+        ignore_warnings(r"You defined a `validation_step` but have no `val_dataloader`")
         self.sampler = DDIMScheduler.from_config(self.noise_scheduler.config)
         self.sampler.set_timesteps(sampling_steps)
 
