@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -111,9 +112,29 @@ def render_pair(tiny_pipeline_dir: Path, **sld: object) -> tuple[np.ndarray, np.
     return arrays[0], arrays[1]
 
 
+class Records(logging.Handler):
+    """Keeps the messages of the records that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_sld_at_strength_zero_equals_plain_generation_and_steers_otherwise(tiny_pipeline_dir: Path) -> None:
-    plain, off = render_pair(tiny_pipeline_dir, sld="max", sld_concept="red", sld_guidance_scale=0.0)
+    records = Records()
+    logging.getLogger("diffusers").addHandler(records)  # diffusers' loggers do not propagate to the root (caplog)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            plain, off = render_pair(tiny_pipeline_dir, sld="max", sld_concept="red", sld_guidance_scale=0.0)
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
     np.testing.assert_allclose(off, plain, atol=1e-6)
+    # SLD's expected deprecation notices (the pipeline's, its decode_latents') are silenced.
+    assert not [m for m in records.messages if "has been deprecated" in m]
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
     plain, steered = render_pair(tiny_pipeline_dir, sld="max", sld_concept="red")
     assert np.abs(steered - plain).mean() > 1e-3, "the max preset changes the renders"
 

@@ -63,6 +63,8 @@ class PresetSafePipeline(StableDiffusionPipelineSafe):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # With guidance off (sld_guidance_scale <= 1) diffusers warns "Safety checker disabled!" on every call.
         ignore_warnings(r"Safety checker disabled!")
+        # The deprecated SLD pipeline still decodes through its own decode_latents, which diffusers marks deprecated.
+        ignore_warnings(r"The decode_latents method is deprecated", category=FutureWarning)
         return super().__call__(*args, **self.sld_arguments, **kwargs)
 
 
@@ -73,7 +75,8 @@ def safe_pipeline(pipe: DiffusionPipeline, model: ModelConfig) -> DiffusionPipel
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionPipelineSafe)):
         raise EvaluationError(f"model '{model.name}': sld needs a StableDiffusionPipeline, got {type(pipe).__name__}")
     # SLD is deprecated in diffusers (no updates) but is the authors' implementation; its deprecation notice is expected.
-    drop_log_messages("diffusers.pipelines.pipeline_utils", r"^The StableDiffusionPipelineSafe has been deprecated")
+    # diffusers names the instance's class in it, so our subclass's name is the one printed.
+    drop_log_messages("diffusers.pipelines.pipeline_utils", rf"^The {PresetSafePipeline.__name__} has been deprecated")
     safe = PresetSafePipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, scheduler=pipe.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
