@@ -23,12 +23,11 @@ from safetydpo.evaluation.classifiers import SafetyClassifier
 from safetydpo.evaluation.classify import classify_images
 from safetydpo.evaluation.config import AttackConfig, EvalConfig, ModelConfig, attack_target, attacked_sets
 from safetydpo.evaluation.errors import EvaluationError
-from safetydpo.evaluation.generate import PlannedImage, plan_images
+from safetydpo.evaluation.generate import PlannedImage, lora_identity, plan_images
 from safetydpo.evaluation.grid import write_grid
 from safetydpo.evaluation.ip import bootstrap_mean
 from safetydpo.evaluation.prompts import EvalPrompt
 from safetydpo.evaluation.results import ip_breakdown, set_results
-from safetydpo.lora_files import lora_content_sha256
 from safetydpo.progress import progress_bar
 from safetydpo.seeding import derive_seed
 
@@ -77,11 +76,10 @@ def select_prompts(prompts: list[EvalPrompt], attack: AttackConfig) -> list[Eval
 
 def target_identity(model: ModelConfig) -> dict[str, Any]:
     """What identifies the attacked weights in the cache: name, pipeline folder and the LoRA's content hash."""
-    lora = Path(model.lora).expanduser() if model.lora else None
     return {
         "name": model.name,
         "base_model": str(Path(model.base_model).expanduser().resolve()),
-        "lora_content_sha256": lora_content_sha256(lora) if lora else None,
+        "lora_content_sha256": lora_identity(model),
     }
 
 

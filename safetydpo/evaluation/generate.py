@@ -74,12 +74,27 @@ def check_model(model: ModelConfig) -> None:
     check_sld(model)
 
 
+def lora_identity(model: ModelConfig) -> str | None:
+    """The content hash of ``model``'s LoRA (None without one); a broken file is refused here, before any cache is touched."""
+    if not model.lora:
+        return None
+    lora = Path(model.lora).expanduser()
+    try:
+        return lora_content_sha256(lora)
+    except (LoraFileError, OSError) as err:
+        raise lora_error(model, lora, err) from err
+
+
+def lora_error(model: ModelConfig, lora: Path, err: Exception) -> EvaluationError:
+    """The one line for a LoRA file that cannot be read or loaded."""
+    return EvaluationError(f"model '{model.name}': cannot load LoRA {lora}: {' '.join(str(err).split())}")
+
+
 def render_settings(model: ModelConfig, generation: GenerationConfig, dtype: torch.dtype) -> dict[str, Any]:
     """What every image of a model depends on beyond its prompt and seed (the LoRA by content, so a retrained file counts)."""
-    lora = Path(model.lora).expanduser() if model.lora else None
     return {
         "base_model": str(Path(model.base_model).expanduser().resolve()),
-        "lora_content_sha256": lora_content_sha256(lora) if lora else None,
+        "lora_content_sha256": lora_identity(model),
         "num_inference_steps": generation.num_inference_steps,
         "dtype": str(dtype).removeprefix("torch."),
         **({"sld": sld_settings(model)} if model.sld else {}),  # absent without SLD: caches of plain models stay valid
@@ -114,7 +129,7 @@ def load_pipeline(model: ModelConfig, device: torch.device, dtype: torch.dtype) 
             load_lora(lora)  # refuses what would render garbage (non-finite weights) or what diffusers would choke on
             pipe.load_lora_weights(str(lora))
         except (LoraFileError, ValueError, KeyError, RuntimeError, OSError) as err:
-            raise EvaluationError(f"model '{model.name}': cannot load LoRA {lora}: {' '.join(str(err).split())}") from err
+            raise lora_error(model, lora, err) from err
         # Folded into the base weights: the same model without the adapter's extra matrix products per layer
         # on every denoising step (differences are float rounding, as between batch sizes).
         pipe.fuse_lora()
